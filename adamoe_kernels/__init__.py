@@ -1,0 +1,27 @@
+"""adamoe-kernels: fast adaptive Mixture-of-Experts routing with null experts (AdaMoE).
+
+Public API (names fixed by DESIGN.md)::
+
+    r = route(router_logits, top_k, num_experts, normalize="true")
+    y = moe_mlp(hidden, gate_up_proj, down_proj, r, null_kind="zero")
+    loss = null_aware_aux_loss(router_logits, top_k, num_experts, attention_mask=None)
+"""
+
+from . import reference
+from ._backend import BACKENDS, resolve_backend
+from .losses import AlphaSchedule, null_aware_aux_loss
+from .moe import moe_mlp
+from .routing import Routing, route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "AlphaSchedule",
+    "Routing",
+    "moe_mlp",
+    "null_aware_aux_loss",
+    "reference",
+    "resolve_backend",
+    "route",
+]

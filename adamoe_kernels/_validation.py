@@ -1,0 +1,142 @@
+"""Input checks shared by every public function.
+
+Metadata checks (types, ranks, shapes, dtypes, devices, ``top_k``) are free and always on.
+The non-finite check reads the data: it runs on CPU tensors, on CUDA only when asked
+(``ADAMOE_DEBUG=1`` or ``check_finite=True``), and never while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NORMALIZE_MODES = ("true", "all", "none")
+NULL_KINDS = ("zero", "identity")
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def debug_checks_enabled() -> bool:
+    return os.environ.get("ADAMOE_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+def check_tensor(name: str, x, ndim: int | None = None, dtypes=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {x.dtype}; supported: {names}")
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def check_finite(name: str, x: torch.Tensor, force: bool = False) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or Inf (see the module docstring for when it runs)."""
+    if _is_compiling():
+        return
+    if x.device.type != "cpu" and not (force or debug_checks_enabled()):
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_route_args(router_logits, top_k, num_experts, normalize, check_finite_values=None) -> None:
+    check_tensor("router_logits", router_logits, ndim=2, dtypes=SUPPORTED_FLOAT_DTYPES)
+    total = router_logits.shape[1]
+    check_int("num_experts", num_experts, 1, None)
+    if num_experts > total:
+        raise ValueError(
+            f"num_experts ({num_experts}) must be <= router_logits.shape[1] (n+m = {total})"
+        )
+    check_int("top_k", top_k, 1, None)
+    if top_k > total:
+        raise ValueError(f"top_k ({top_k}) must be <= n+m = router_logits.shape[1] ({total})")
+    check_choice("normalize", normalize, NORMALIZE_MODES)
+    check_finite("router_logits", router_logits, force=bool(check_finite_values))
+
+
+def check_moe_mlp_args(hidden, gate_up_proj, down_proj, routing, null_kind) -> None:
+    check_tensor("hidden", hidden, ndim=2, dtypes=SUPPORTED_FLOAT_DTYPES)
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3, dtypes=SUPPORTED_FLOAT_DTYPES)
+    check_tensor("down_proj", down_proj, ndim=3, dtypes=SUPPORTED_FLOAT_DTYPES)
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if w.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but hidden has dtype {hidden.dtype}")
+        check_same_device(name, w, "hidden", hidden)
+    T, H = hidden.shape
+    n, two_i, h_in = gate_up_proj.shape
+    if h_in != H:
+        raise ValueError(f"gate_up_proj.shape[2] ({h_in}) must equal hidden.shape[1] ({H})")
+    if two_i % 2 != 0 or two_i == 0:
+        raise ValueError(f"gate_up_proj.shape[1] must be 2*I (even, > 0), got {two_i}")
+    I = two_i // 2
+    if tuple(down_proj.shape) != (n, H, I):
+        raise ValueError(
+            f"down_proj must have shape (n, H, I) = {(n, H, I)}, got {tuple(down_proj.shape)}"
+        )
+    check_choice("null_kind", null_kind, NULL_KINDS)
+    check_routing(routing, T, n)
+    check_same_device("routing.topk_ids", routing.topk_ids, "hidden", hidden)
+    if null_kind == "identity" and routing.normalize == "true":
+        raise ValueError(
+            'null_kind="identity" needs routing normalized with normalize="all" or "none": '
+            'normalize="true" gives null slots weight 0'
+        )
+
+
+def check_routing(routing, num_tokens: int, num_experts: int) -> None:
+    from .routing import Routing
+
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be an adamoe_kernels.Routing, got {type(routing).__name__}")
+    ids, w = routing.topk_ids, routing.topk_weights
+    check_tensor("routing.topk_ids", ids, ndim=2, dtypes=(torch.int32, torch.int64))
+    check_tensor("routing.topk_weights", w, ndim=2, dtypes=SUPPORTED_FLOAT_DTYPES)
+    if ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"routing.topk_ids has {ids.shape[0]} tokens but hidden has {num_tokens} rows"
+        )
+    if tuple(w.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"routing.topk_weights shape {tuple(w.shape)} != routing.topk_ids shape {tuple(ids.shape)}"
+        )
+    k = ids.shape[1]
+    expected = {
+        "routing.expert_counts": (routing.expert_counts, (num_experts,)),
+        "routing.expert_offsets": (routing.expert_offsets, (num_experts + 1,)),
+        "routing.sorted_slots": (routing.sorted_slots, (num_tokens * k,)),
+    }
+    for name, (t, shape) in expected.items():
+        check_tensor(name, t, ndim=1, dtypes=(torch.int32, torch.int64))
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (n = gate_up_proj.shape[0] = {num_experts} true "
+                f"experts, T*k = {num_tokens * k}), got {tuple(t.shape)}"
+            )
+    for name, t in (("routing.topk_ids", ids), ("routing.topk_weights", w),
+                    ("routing.expert_offsets", routing.expert_offsets),
+                    ("routing.sorted_slots", routing.sorted_slots)):
+        if t.device != routing.topk_ids.device:
+            raise ValueError(f"{name} is on {t.device} but routing.topk_ids is on {ids.device}")

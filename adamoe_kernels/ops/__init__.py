@@ -1,0 +1,1 @@
+"""Launchers, autograd and ``torch.library`` registration of the Triton and C++ kernels."""

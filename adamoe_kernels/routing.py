@@ -1,0 +1,85 @@
+"""Public routing API: ``route`` and the ``Routing`` it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._backend import resolve_backend
+from ._validation import check_route_args
+
+
+@dataclass
+class Routing:
+    """Where each token goes, grouped by true expert. Produced by ``route``; consumed by ``moe_mlp``.
+
+    Attributes:
+        topk_ids:       int32   [T, k]    expert ids in ``[0, n+m)``, by descending probability.
+        topk_weights:   float32 [T, k]    routing weights (0 on null slots for ``normalize="true"``);
+                                          differentiable w.r.t. the router logits.
+        expert_counts:  int32   [n]       true assignments per true expert.
+        expert_offsets: int32   [n+1]     exclusive prefix sum of ``expert_counts``.
+        sorted_slots:   int32   [T*k]     flat slot ids ``t*k+j``: the first ``expert_offsets[-1]``
+                                          are the true slots grouped by expert (expert 0 first), in
+                                          slot order within an expert; the null slots follow, also in
+                                          slot order (so the whole tensor is a permutation).
+        normalize:      str               the ``normalize`` mode the weights were made with.
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    expert_counts: torch.Tensor
+    expert_offsets: torch.Tensor
+    sorted_slots: torch.Tensor
+    normalize: str = "true"
+
+    @property
+    def num_experts(self) -> int:
+        """``n``, the number of true experts."""
+        return self.expert_counts.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids.shape[1]
+
+    def load(self) -> torch.Tensor:
+        """The load L: mean number of true experts per token (a 0-d float tensor, no host sync)."""
+        T = max(self.topk_ids.shape[0], 1)
+        return self.expert_offsets[-1].float() / T
+
+
+def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: str = "true",
+          *, backend: str | None = None, check_finite: bool | None = None) -> Routing:
+    """Route every token to its top-k of ``n+m`` experts and group the true assignments.
+
+    Args:
+        router_logits: ``[T, n+m]`` float32/float16/bfloat16 logits; columns ``n..n+m-1`` are the
+            null experts.
+        top_k: ``k``, experts picked per token (true and null together), ``1 <= k <= n+m``.
+        num_experts: ``n``, the number of true experts.
+        normalize: ``"true"`` (weights sum to 1 over the true slots; all-null tokens get zeros),
+            ``"all"`` (over all k slots) or ``"none"`` (raw softmax probabilities).
+        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``_backend``.
+        check_finite: also check for NaN/Inf on CUDA (costs a host sync). CPU always checks.
+
+    Returns:
+        A ``Routing``. No host synchronisation happens on the triton and cpu backends.
+    """
+    check_route_args(router_logits, top_k, num_experts, normalize, check_finite)
+    which = resolve_backend(backend, router_logits.device)
+    if which == "torch":
+        from . import reference
+
+        return reference.route(router_logits, top_k, num_experts, normalize)
+    if which == "cpu":
+        from .ops.cpu import route_cpu
+
+        outs = route_cpu(router_logits, top_k, num_experts, normalize)
+    else:
+        from .ops.routing import route_triton
+
+        outs = route_triton(router_logits, top_k, num_experts, normalize)
+    ids, weights, counts, offsets, slots = outs
+    return Routing(topk_ids=ids, topk_weights=weights, expert_counts=counts,
+                   expert_offsets=offsets, sorted_slots=slots, normalize=normalize)

@@ -1,0 +1,49 @@
+"""One conftest for CPU and CUDA.
+
+Without a GPU every Triton kernel runs under the interpreter: TRITON_INTERPRET=1 must be set before
+``triton`` is imported, so it is set here, at collection time. Outputs allocated by the ops are
+filled with NaN (ADAMOE_POISON_EMPTY=1) so an element a kernel forgot to write cannot pass a test.
+"""
+
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("ADAMOE_POISON_EMPTY", "1")
+
+import torch  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if _HAS_CUDA else [])
+
+# (dtype, atol, rtol) against the reference run in float32 on the same (rounded) inputs.
+DTYPE_TOLERANCES = [
+    (torch.float32, 1e-4, 1e-4),
+    (torch.float16, 2e-2, 2e-2),
+    (torch.bfloat16, 6e-2, 6e-2),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
