@@ -1,0 +1,259 @@
+"""Launchers, autograd and ``torch.library`` registration of the grouped expert MLP.
+
+Forward (``adamoe::moe_mlp``), A = T*k is the static bound on true assignments:
+1. ``grouped_gemm_kernel`` (SwiGLU fused, rows gathered from ``hidden`` in the prologue)
+   -> ``h [A, I]`` compact;
+2. ``grouped_gemm_kernel`` (down, rows scattered to their slots) -> ``slot_out [A, H]``;
+3. ``combine_slots_kernel``: ``y[t] = sum_true w * slot_out`` in slot order (weight applied once).
+Nothing is saved for backward but the inputs: the backward recomputes ``gate/up`` per tile.
+
+Backward (``adamoe::moe_mlp_backward``):
+1. ``swiglu_backward_kernel`` -> ``[dg | du] [A, 2I]``, ``h [A, I]``, weight-grad partials;
+2. ``grouped_weight_grad_kernel`` twice -> ``d down_proj``, ``d gate_up_proj`` (K-grouped);
+3. ``grouped_gemm_kernel`` -> ``[dg | du] @ gate_up[e]`` at slot rows, ``combine_slots_kernel``
+   -> ``d hidden``; ``slot_weight_grad_kernel`` -> ``d topk_weights``.
+Only real row tiles do work: grids have the static bound ``cdiv(A, BLOCK_M) + n`` row tiles and
+the ones past the real count exit at once. No host synchronisation anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..kernels.grouped_gemm import (
+    combine_slots_kernel,
+    grouped_gemm_kernel,
+    grouped_weight_grad_kernel,
+    slot_weight_grad_kernel,
+    swiglu_backward_kernel,
+)
+from ._common import KernelConfig, interpreting, new_empty
+
+# Interpreter configs are small (numpy executes every program); GPU configs are a starting point
+# for H100/A100 bf16, to be replaced by per-shape tuned tables from bench/ when measured.
+INTERPRETER_GEMM = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+GPU_GEMM = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+GPU_GEMM_FP32 = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+GPU_WGRAD = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+COMBINE_BLOCK_T = 16
+COMBINE_BLOCK_H = 128
+
+
+def gemm_config(x: torch.Tensor) -> KernelConfig:
+    """Tile config for the row-tiled grouped GEMMs on ``x``'s device and dtype."""
+    if interpreting(x):
+        return INTERPRETER_GEMM
+    return GPU_GEMM_FP32 if x.dtype == torch.float32 else GPU_GEMM
+
+
+def wgrad_config(x: torch.Tensor) -> KernelConfig:
+    """Tile config for the K-grouped weight-gradient GEMMs."""
+    if interpreting(x):
+        return INTERPRETER_GEMM
+    return GPU_GEMM_FP32 if x.dtype == torch.float32 else GPU_WGRAD
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """fp32 GEMMs follow torch's TF32 switch; half types always use their tensor-core path."""
+    if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _common_meta(x: torch.Tensor, num_experts: int, top_k: int) -> dict:
+    return dict(N_TRUE=num_experts, TOP_K=top_k, UPCAST=interpreting(x),
+                DOT_PRECISION=dot_precision(x))
+
+
+def max_row_tiles(num_assignments: int, num_experts: int, block_m: int) -> int:
+    """Static bound on row tiles: ``sum_e cdiv(c_e, BM) <= cdiv(A, BM) + n``."""
+    return triton.cdiv(num_assignments, block_m) + num_experts
+
+
+def _launch_grouped_gemm(a, w, out, sorted_slots, expert_offsets, *, n_cols, k_dim, w_strides,
+                         gather_a, scatter_out, fuse_swiglu, num_experts, top_k, cfg):
+    A = sorted_slots.shape[0]
+    grid = (max_row_tiles(A, num_experts, cfg.BLOCK_M), triton.cdiv(n_cols, cfg.BLOCK_N))
+    stride_we, stride_wk, stride_wn = w_strides
+    grouped_gemm_kernel[grid](
+        a, w, out, sorted_slots, expert_offsets, n_cols, k_dim,
+        a.stride(0), stride_we, stride_wk, stride_wn, out.stride(0),
+        GATHER_A=gather_a, SCATTER_OUT=scatter_out, FUSE_SWIGLU=fuse_swiglu,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        BLOCK_NE=triton.next_power_of_2(num_experts),
+        **_common_meta(a, num_experts, top_k), **cfg.launch_options(),
+    )
+
+
+def _launch_combine(slot_out, x, topk_ids, topk_weights, y, *, num_experts, weight_true,
+                    identity):
+    T, H = y.shape
+    grid = (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_H))
+    combine_slots_kernel[grid](
+        slot_out, x, topk_ids, topk_weights, y, T, H, x.stride(0),
+        N_TRUE=num_experts, TOP_K=topk_ids.shape[1], WEIGHT_TRUE=weight_true, IDENTITY=identity,
+        BLOCK_T=COMBINE_BLOCK_T, BLOCK_H=COMBINE_BLOCK_H,
+    )
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("adamoe::moe_mlp", mutates_args=())
+def moe_mlp_op(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+               topk_ids: torch.Tensor, topk_weights: torch.Tensor, sorted_slots: torch.Tensor,
+               expert_offsets: torch.Tensor, null_kind: str) -> torch.Tensor:
+    """Forward of the grouped expert MLP; see the module docstring."""
+    hidden = _row_major(hidden)
+    T, H = hidden.shape
+    n, two_i, _ = gate_up_proj.shape
+    I = two_i // 2
+    k = topk_ids.shape[1]
+    A = T * k
+    y = new_empty((T, H), hidden.dtype, hidden.device)
+    if T == 0:
+        return y
+    ids = topk_ids.to(torch.int32).contiguous()
+    weights = topk_weights.float().contiguous()
+    slots = sorted_slots.to(torch.int32).contiguous()
+    offsets = expert_offsets.to(torch.int32).contiguous()
+    cfg = gemm_config(hidden)
+    h = new_empty((A, I), hidden.dtype, hidden.device)
+    _launch_grouped_gemm(
+        hidden, gate_up_proj, h, slots, offsets, n_cols=I, k_dim=H,
+        w_strides=(gate_up_proj.stride(0), gate_up_proj.stride(2), gate_up_proj.stride(1)),
+        gather_a=True, scatter_out=False, fuse_swiglu=True, num_experts=n, top_k=k, cfg=cfg)
+    slot_out = new_empty((A, H), hidden.dtype, hidden.device)
+    _launch_grouped_gemm(
+        h, down_proj, slot_out, slots, offsets, n_cols=H, k_dim=I,
+        w_strides=(down_proj.stride(0), down_proj.stride(2), down_proj.stride(1)),
+        gather_a=False, scatter_out=True, fuse_swiglu=False, num_experts=n, top_k=k, cfg=cfg)
+    _launch_combine(slot_out, hidden, ids, weights, y, num_experts=n, weight_true=True,
+                    identity=null_kind == "identity")
+    return y
+
+
+@moe_mlp_op.register_fake
+def _(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, sorted_slots, expert_offsets,
+      null_kind):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("adamoe::moe_mlp_backward", mutates_args=())
+def moe_mlp_backward_op(
+    grad_out: torch.Tensor, hidden: torch.Tensor, gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    sorted_slots: torch.Tensor, expert_offsets: torch.Tensor, null_kind: str,
+    weight_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(d hidden, d gate_up_proj, d down_proj, d topk_weights)``; with
+    ``weight_grads=False`` the two weight gradients are skipped and returned empty."""
+    hidden = _row_major(hidden)
+    dy = grad_out.to(hidden.dtype).contiguous()
+    T, H = hidden.shape
+    n, two_i, _ = gate_up_proj.shape
+    I = two_i // 2
+    k = topk_ids.shape[1]
+    A = T * k
+    dev, dt = hidden.device, hidden.dtype
+    dx = new_empty((T, H), dt, dev)
+    d_weights = new_empty((T, k), torch.float32, dev)
+    d_gate_up = new_empty(gate_up_proj.shape if weight_grads else (0,), gate_up_proj.dtype, dev)
+    d_down = new_empty(down_proj.shape if weight_grads else (0,), down_proj.dtype, dev)
+    if T == 0:
+        return dx, d_gate_up.zero_(), d_down.zero_(), d_weights
+    ids = topk_ids.to(torch.int32).contiguous()
+    weights = topk_weights.float().contiguous()
+    slots = sorted_slots.to(torch.int32).contiguous()
+    offsets = expert_offsets.to(torch.int32).contiguous()
+    meta = _common_meta(hidden, n, k)
+    cfg = gemm_config(hidden)
+    BLOCK_NE = triton.next_power_of_2(n)
+
+    num_parts = triton.cdiv(I, cfg.BLOCK_N)
+    dgu = new_empty((A, 2 * I), dt, dev)
+    h = new_empty((A, I) if weight_grads else (1, 1), dt, dev)
+    dw_partial = new_empty((A, num_parts), torch.float32, dev)
+    swiglu_backward_kernel[(max_row_tiles(A, n, cfg.BLOCK_M), num_parts)](
+        hidden, dy, gate_up_proj, down_proj, weights, slots, offsets, dgu, h, dw_partial,
+        H, I, hidden.stride(0), dy.stride(0),
+        gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
+        down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
+        STORE_H=weight_grads, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        BLOCK_NE=BLOCK_NE, **meta, **cfg.launch_options(),
+    )
+
+    if weight_grads:
+        wcfg = wgrad_config(hidden)
+        for a, b, out, M, N, gather_a, gather_b, scale in (
+            (dy, h, d_down, H, I, True, False, True),            # d down[e] = (w dy)^T h
+            (dgu, hidden, d_gate_up, 2 * I, H, False, True, False),  # d gate_up[e] = dgu^T x
+        ):
+            grid = (n, triton.cdiv(M, wcfg.BLOCK_M) * triton.cdiv(N, wcfg.BLOCK_N))
+            grouped_weight_grad_kernel[grid](
+                a, b, weights, out, slots, offsets, M, N, a.stride(0), b.stride(0),
+                out.stride(0), out.stride(1),
+                TOP_K=k, GATHER_A=gather_a, GATHER_B=gather_b, HAS_SCALE=scale,
+                UPCAST=meta["UPCAST"], DOT_PRECISION=meta["DOT_PRECISION"],
+                BLOCK_M=wcfg.BLOCK_M, BLOCK_N=wcfg.BLOCK_N, BLOCK_K=wcfg.BLOCK_K,
+                **wcfg.launch_options(),
+            )
+
+    dx_slots = new_empty((A, H), dt, dev)
+    _launch_grouped_gemm(
+        dgu, gate_up_proj, dx_slots, slots, offsets, n_cols=H, k_dim=2 * I,
+        w_strides=(gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2)),
+        gather_a=False, scatter_out=True, fuse_swiglu=False, num_experts=n, top_k=k, cfg=cfg)
+    identity = null_kind == "identity"
+    _launch_combine(dx_slots, dy, ids, weights, dx, num_experts=n, weight_true=False,
+                    identity=identity)
+    slot_weight_grad_kernel[(triton.cdiv(T, COMBINE_BLOCK_T),)](
+        dw_partial, hidden, dy, ids, d_weights, T, H, hidden.stride(0), dy.stride(0), num_parts,
+        N_TRUE=n, TOP_K=k, IDENTITY=identity, BLOCK_T=COMBINE_BLOCK_T,
+        BLOCK_P=min(triton.next_power_of_2(num_parts), 64), BLOCK_H=COMBINE_BLOCK_H,
+    )
+    return dx, d_gate_up, d_down, d_weights
+
+
+@moe_mlp_backward_op.register_fake
+def _(grad_out, hidden, gate_up_proj, down_proj, topk_ids, topk_weights, sorted_slots,
+      expert_offsets, null_kind, weight_grads):
+    dx = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    gu_shape = gate_up_proj.shape if weight_grads else (0,)
+    d_shape = down_proj.shape if weight_grads else (0,)
+    return (dx, gate_up_proj.new_empty(gu_shape), down_proj.new_empty(d_shape),
+            topk_weights.new_empty(topk_ids.shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, gate_up, down, ids, weights, slots, offsets, null_kind = inputs
+    ctx.save_for_backward(hidden, gate_up, down, ids, weights, slots, offsets)
+    ctx.null_kind = null_kind
+    ctx.weights_dtype = weights.dtype
+
+
+def _backward(ctx, grad_out):
+    hidden, gate_up, down, ids, weights, slots, offsets = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    weight_grads = bool(need[1] or need[2])
+    dx, d_gate_up, d_down, d_w = torch.ops.adamoe.moe_mlp_backward(
+        grad_out, hidden, gate_up, down, ids, weights, slots, offsets, ctx.null_kind,
+        weight_grads)
+    return (dx if need[0] else None,
+            d_gate_up if need[1] else None,
+            d_down if need[2] else None,
+            None,
+            d_w.to(ctx.weights_dtype) if need[4] else None,
+            None, None, None)
+
+
+moe_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_mlp_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, sorted_slots,
+                   expert_offsets, null_kind):
+    """Public-API entry: the ``adamoe::moe_mlp`` op (CUDA, or CPU under the Triton interpreter)."""
+    return torch.ops.adamoe.moe_mlp(hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
+                                    sorted_slots, expert_offsets, null_kind)
