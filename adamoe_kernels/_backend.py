@@ -7,7 +7,7 @@ built, else ``torch``. ``ADAMOE_BACKEND`` and the ``backend=`` argument override
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 import warnings
 
@@ -21,22 +21,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.adamoe.*_cpu)
+
+    _CPU_EXTENSION_AVAILABLE = True
+except ImportError:
+    _CPU_EXTENSION_AVAILABLE = False
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_AVAILABLE
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_extension_available() -> bool:
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when the C++ CPU backend ``adamoe_kernels._C`` is built and loads."""
+    return _CPU_EXTENSION_AVAILABLE
 
 
 def warn_if_cpu_extension_missing() -> None:

@@ -34,7 +34,7 @@ def _route_block_t(num_cols: int, x: torch.Tensor) -> int:
 def route_op(router_logits: torch.Tensor, top_k: int, num_experts: int,
              normalize: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor]:
-    """Returns ``(topk_ids, topk_weights, expert_counts, expert_offsets, sorted_slots)``."""
+    """Returns ``(topk_weights, topk_ids, expert_counts, expert_offsets, sorted_slots)``."""
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     T, E = logits.shape
     n, k, dev = num_experts, top_k, logits.device
@@ -44,7 +44,7 @@ def route_op(router_logits: torch.Tensor, top_k: int, num_experts: int,
     offsets = new_empty((n + 1,), torch.int32, dev)
     slots = new_empty((T * k,), torch.int32, dev)
     if T == 0:
-        return ids, weights, counts.zero_(), offsets.zero_(), slots
+        return weights, ids, counts.zero_(), offsets.zero_(), slots
     block_t = _route_block_t(E, logits)
     num_blocks = triton.cdiv(T, block_t)
     ranks = torch.empty((T, k), dtype=torch.int32, device=dev)
@@ -65,14 +65,14 @@ def route_op(router_logits: torch.Tensor, top_k: int, num_experts: int,
         ids, ranks, block_start, offsets, slots, T,
         N_TRUE=n, K=k, BLOCK_T=block_t, BLOCK_K=BLOCK_K,
     )
-    return ids, weights, counts, offsets, slots
+    return weights, ids, counts, offsets, slots
 
 
 @route_op.register_fake
 def _(router_logits, top_k, num_experts, normalize):
     T = router_logits.shape[0]
     new = router_logits.new_empty
-    return (new((T, top_k), dtype=torch.int32), new((T, top_k), dtype=torch.float32),
+    return (new((T, top_k), dtype=torch.float32), new((T, top_k), dtype=torch.int32),
             new((num_experts,), dtype=torch.int32), new((num_experts + 1,), dtype=torch.int32),
             new((T * top_k,), dtype=torch.int32))
 
@@ -104,11 +104,11 @@ def _(grad_weights, router_logits, topk_ids, num_experts, normalize):
 
 def _route_setup_context(ctx, inputs, output):
     router_logits, _, num_experts, normalize = inputs
-    ctx.save_for_backward(router_logits, output[0])
+    ctx.save_for_backward(router_logits, output[1])
     ctx.num_experts, ctx.normalize = num_experts, normalize
 
 
-def _route_backward(ctx, g_ids, g_weights, g_counts, g_offsets, g_slots):
+def _route_backward(ctx, g_weights, g_ids, g_counts, g_offsets, g_slots):
     router_logits, ids = ctx.saved_tensors
     if g_weights is None:
         return None, None, None, None
@@ -121,5 +121,10 @@ route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
 def route_triton(router_logits, top_k, num_experts, normalize):
-    """Public-API entry: the ``adamoe::route`` op (CUDA, or CPU under the Triton interpreter)."""
-    return torch.ops.adamoe.route(router_logits, top_k, num_experts, normalize)
+    """Public-API entry: the ``adamoe::route`` op (CUDA, or CPU under the Triton interpreter).
+
+    Returns ``(topk_ids, topk_weights, expert_counts, expert_offsets, sorted_slots)``.
+    """
+    weights, ids, counts, offsets, slots = torch.ops.adamoe.route(router_logits, top_k,
+                                                                  num_experts, normalize)
+    return ids, weights, counts, offsets, slots
