@@ -86,6 +86,20 @@ def _launch_grouped_gemm(a, w, out, sorted_slots, expert_offsets, *, n_cols, k_d
     )
 
 
+def _launch_weight_grad(a, b, row_scale, out, sorted_slots, expert_offsets, *, M, N, gather_a,
+                        gather_b, has_scale, top_k, meta, cfg):
+    """``out[e] = sum_{rows of e} (s A)^T B`` (d down: A = w dy, B = h; d gate_up: A = dgu, B = x)."""
+    num_experts = out.shape[0]
+    grid = (num_experts, triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N))
+    grouped_weight_grad_kernel[grid](
+        a, b, row_scale, out, sorted_slots, expert_offsets, M, N, a.stride(0), b.stride(0),
+        out.stride(0), out.stride(1),
+        TOP_K=top_k, GATHER_A=gather_a, GATHER_B=gather_b, HAS_SCALE=has_scale,
+        UPCAST=meta["UPCAST"], DOT_PRECISION=meta["DOT_PRECISION"],
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, **cfg.launch_options(),
+    )
+
+
 def _launch_combine(slot_out, x, topk_ids, topk_weights, y, *, num_experts, weight_true,
                     identity):
     T, H = y.shape
@@ -187,20 +201,12 @@ def moe_mlp_backward_op(
 
     if weight_grads:
         wcfg = wgrad_config(hidden)
-        for a, b, out, M, N, gather_a, gather_b, scale in (
-            (dy, h, d_down, H, I, True, False, True),            # d down[e] = (w dy)^T h
-            (dgu, hidden, d_gate_up, 2 * I, H, False, True, False),  # d gate_up[e] = dgu^T x
-        ):
-            grid = (n, triton.cdiv(M, wcfg.BLOCK_M) * triton.cdiv(N, wcfg.BLOCK_N))
-            grouped_weight_grad_kernel[grid](
-                a, b, weights, out, slots, offsets, M, N, a.stride(0), b.stride(0),
-                out.stride(0), out.stride(1),
-                TOP_K=k, GATHER_A=gather_a, GATHER_B=gather_b, HAS_SCALE=scale,
-                UPCAST=meta["UPCAST"], DOT_PRECISION=meta["DOT_PRECISION"],
-                BLOCK_M=wcfg.BLOCK_M, BLOCK_N=wcfg.BLOCK_N, BLOCK_K=wcfg.BLOCK_K,
-                **wcfg.launch_options(),
-            )
-
+        _launch_weight_grad(dy, h, weights, d_down, slots, offsets, M=H, N=I, gather_a=True,
+                            gather_b=False, has_scale=True, top_k=k, meta=meta, cfg=wcfg)
+        _launch_weight_grad(dgu, hidden, weights, d_gate_up, slots, offsets, M=2 * I, N=H,
+                            gather_a=False, gather_b=True, has_scale=False, top_k=k, meta=meta,
+                            cfg=wcfg)
+    del h  # freed before dx_slots is allocated: the peak stays at A * (2I + max(I, H))
     dx_slots = new_empty((A, H), dt, dev)
     _launch_grouped_gemm(
         dgu, gate_up_proj, dx_slots, slots, offsets, n_cols=H, k_dim=2 * I,
