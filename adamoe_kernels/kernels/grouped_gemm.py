@@ -48,11 +48,13 @@ def grouped_gemm_kernel(
     stride_wk,
     stride_wn,
     stride_om,
+    up_offset,           # FUSE_SWIGLU: elements from a gate column of W to its up column
     N_TRUE: tl.constexpr,
     TOP_K: tl.constexpr,
     GATHER_A: tl.constexpr,     # A rows are tokens sorted_slots[r] // TOP_K (no permuted copy)
     SCATTER_OUT: tl.constexpr,  # write row r at its slot sorted_slots[r]
-    FUSE_SWIGLU: tl.constexpr,  # out = silu(A W[:, :N]) * (A W[:, N:2N]) (gate | up halves)
+    FUSE_SWIGLU: tl.constexpr,  # out = silu(A W_gate) * (A W_up), W_up = W_gate + up_offset
+    ACCUMULATE: tl.constexpr,   # out += result (fixed order: deterministic)
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -97,7 +99,7 @@ def grouped_gemm_kernel(
             b_w = b_w.to(tl.float32)
         b_acc = tl.dot(b_a, b_w, b_acc, input_precision=DOT_PRECISION)
         if FUSE_SWIGLU:
-            p_up = p_w + N * stride_wn + o_k[:, None].to(tl.int64) * stride_wk
+            p_up = p_w + up_offset + o_k[:, None].to(tl.int64) * stride_wk
             b_w_up = tl.load(p_up, mask=m_w, other=0.0)
             if UPCAST:
                 b_w_up = b_w_up.to(tl.float32)
@@ -109,31 +111,44 @@ def grouped_gemm_kernel(
     else:
         o_out = o_r.to(tl.int64)
     p_out = out_ptr + o_out[:, None] * stride_om + o_n[None, :]
-    tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_n[None, :])
+    m_out = m_r[:, None] & m_n[None, :]
+    if ACCUMULATE:
+        b_acc += tl.load(p_out, mask=m_out, other=0.0).to(tl.float32)
+    tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
 def swiglu_backward_kernel(
     x_ptr,               # [T, H] hidden, row stride stride_xm
     dy_ptr,              # [T, H] grad of the layer output, row stride stride_dym
-    gate_up_ptr,         # [n, 2I, H]: (e, j, h) at e*stride_gue + j*stride_gun + h*stride_guk
-    down_ptr,            # [n, H, I]:  (e, h, i) at e*stride_de + h*stride_dk + i*stride_dn
+    gate_up_ptr,         # [n, 2I, H] at the chunk's first gate row: (e, j, h) at
+                         #   e*stride_gue + j*stride_gun + h*stride_guk; up rows at + up_offset
+    down_ptr,            # [n, H, I] at the chunk's first column: (e, h, i) at
+                         #   e*stride_de + h*stride_dk + i*stride_dn
     weights_ptr,         # [T*TOP_K] float32 routing weights, flat
     sorted_slots_ptr,    # [T*TOP_K] int32
     expert_offsets_ptr,  # [N_TRUE + 1] int32
-    dgu_ptr,             # [A, 2I] out (compact rows): [d gate | d up] pre-activation grads
-    h_ptr,               # [A, I] out (compact rows): silu(gate) * up, for d down_proj (STORE_H)
-    dw_partial_ptr,      # [T*TOP_K, num I blocks] float32 out (slot rows): <dy, E(x)> per I block
+    dgu_ptr,             # [A, *] out (compact rows, row stride stride_dgu): d gate at column i,
+                         #   d up at column du_col + i (pre-activation grads)
+    h_ptr,               # [A, *] out (compact rows, row stride stride_h): silu(gate) * up (STORE_H)
+    dw_partial_ptr,      # [T*TOP_K, num_parts] float32 out (slot rows): <dy, E(x)> per I block,
+                         #   this chunk's blocks start at column part_offset
     H,
-    I,
+    I,                   # columns of I in this chunk
     stride_xm,
     stride_dym,
     stride_gue,
     stride_gun,
     stride_guk,
+    up_offset,
     stride_de,
     stride_dk,
     stride_dn,
+    stride_dgu,
+    du_col,
+    stride_h,
+    part_offset,
+    num_parts,
     N_TRUE: tl.constexpr,
     TOP_K: tl.constexpr,
     STORE_H: tl.constexpr,
@@ -164,7 +179,7 @@ def swiglu_backward_kernel(
     m_n = o_n < I
     e64 = expert.to(tl.int64)
     p_gate = gate_up_ptr + e64 * stride_gue + o_n[None, :].to(tl.int64) * stride_gun
-    p_up = p_gate + I * stride_gun
+    p_up = p_gate + up_offset
     p_down = down_ptr + e64 * stride_de + o_n[None, :].to(tl.int64) * stride_dn
     b_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -197,15 +212,16 @@ def swiglu_backward_kernel(
     b_dg = b_dh * b_u * b_sig * (1.0 + b_g * (1.0 - b_sig))
     b_du = b_dh * b_silu
     b_part = tl.sum(b_dhu * b_h, axis=1)
-    num_nb = tl.num_programs(1)
-    tl.store(dw_partial_ptr + b_slot.to(tl.int64) * num_nb + i_n, b_part, mask=m_r)
+    p_part = dw_partial_ptr + b_slot.to(tl.int64) * num_parts + part_offset + i_n
+    tl.store(p_part, b_part, mask=m_r)
     o_r64 = o_r[:, None].to(tl.int64)
     m_out = m_r[:, None] & m_n[None, :]
-    p_dgu = dgu_ptr + o_r64 * (2 * I) + o_n[None, :]
+    p_dgu = dgu_ptr + o_r64 * stride_dgu + o_n[None, :]
     tl.store(p_dgu, b_dg.to(dgu_ptr.dtype.element_ty), mask=m_out)
-    tl.store(p_dgu + I, b_du.to(dgu_ptr.dtype.element_ty), mask=m_out)
+    tl.store(p_dgu + du_col, b_du.to(dgu_ptr.dtype.element_ty), mask=m_out)
     if STORE_H:
-        tl.store(h_ptr + o_r64 * I + o_n[None, :], b_h.to(h_ptr.dtype.element_ty), mask=m_out)
+        p_h = h_ptr + o_r64 * stride_h + o_n[None, :]
+        tl.store(p_h, b_h.to(h_ptr.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
@@ -291,10 +307,11 @@ def combine_slots_kernel(
     TOP_K: tl.constexpr,
     WEIGHT_TRUE: tl.constexpr,  # multiply true rows by their weight (forward) or not (backward)
     IDENTITY: tl.constexpr,     # add w * x for each null slot
+    ACCUMULATE: tl.constexpr,   # y += ... (I-chunked layers accumulate in an fp32 y)
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """``y[t] = sum_j [true] (w_tj) slot_out[t*TOP_K + j] (+ [null] w_tj x[t])`` in slot order."""
+    """``y[t] (+)= sum_j [true] (w_tj) slot_out[t*TOP_K + j] (+ [null] w_tj x[t])`` in slot order."""
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -318,7 +335,10 @@ def combine_slots_kernel(
         if IDENTITY:
             b_acc += tl.where(b_true, 0.0, b_w)[:, None] * b_x
     p_y = y_ptr + o_t64[:, None] * H + o_h[None, :]
-    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_t[:, None] & m_h[None, :])
+    m_y = m_t[:, None] & m_h[None, :]
+    if ACCUMULATE:
+        b_acc += tl.load(p_y, mask=m_y, other=0.0).to(tl.float32)
+    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_y)
 
 
 @triton.jit

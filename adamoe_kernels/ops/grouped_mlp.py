@@ -1,19 +1,28 @@
 """Launchers, autograd and ``torch.library`` registration of the grouped expert MLP.
 
-Forward (``adamoe::moe_mlp``), A = T*k is the static bound on true assignments:
+Forward (``adamoe::moe_mlp``), A = T*k is the static bound on true assignments. For each chunk of
+the intermediate dimension ``I`` (see ``i_chunk``):
 1. ``grouped_gemm_kernel`` (SwiGLU fused, rows gathered from ``hidden`` in the prologue)
-   -> ``h [A, I]`` compact;
+   -> ``h [A, I_chunk]`` compact;
 2. ``grouped_gemm_kernel`` (down, rows scattered to their slots) -> ``slot_out [A, H]``;
-3. ``combine_slots_kernel``: ``y[t] = sum_true w * slot_out`` in slot order (weight applied once).
+3. ``combine_slots_kernel``: ``y[t] (+)= sum_true w * slot_out`` in slot order (weight applied
+   once per chunk; fp32 accumulation across chunks).
 Nothing is saved for backward but the inputs: the backward recomputes ``gate/up`` per tile.
 
-Backward (``adamoe::moe_mlp_backward``):
-1. ``swiglu_backward_kernel`` -> ``[dg | du] [A, 2I]``, ``h [A, I]``, weight-grad partials;
-2. ``grouped_weight_grad_kernel`` twice -> ``d down_proj``, ``d gate_up_proj`` (K-grouped);
-3. ``grouped_gemm_kernel`` -> ``[dg | du] @ gate_up[e]`` at slot rows, ``combine_slots_kernel``
-   -> ``d hidden``; ``slot_weight_grad_kernel`` -> ``d topk_weights``.
+Backward (``adamoe::moe_mlp_backward``), per chunk of ``I``:
+1. ``swiglu_backward_kernel`` -> ``[dg | du] [A, 2 I_chunk]``, ``h``, weight-grad partials;
+2. ``grouped_weight_grad_kernel`` -> ``d down_proj``, ``d gate_up_proj`` columns/rows of the chunk
+   (K-grouped: reduction over each expert's variable number of rows);
+3. ``grouped_gemm_kernel`` -> ``dg @ W_gate + du @ W_up`` at slot rows, ``combine_slots_kernel``
+   -> ``d hidden``; once at the end ``slot_weight_grad_kernel`` -> ``d topk_weights``.
 Only real row tiles do work: grids have the static bound ``cdiv(A, BLOCK_M) + n`` row tiles and
 the ones past the real count exit at once. No host synchronisation anywhere.
+
+Why chunk ``I``: with no host sync the buffers are sized by the static bound ``A = T*k``, not by
+the true rows. Chunking keeps the ``I``-sized buffers no larger than the ``H``-sized one, so the
+peak stays near ``2*A*H`` elements whatever ``I`` is, while the reference (and HF eager) keeps
+``~(2H + 4I)`` per true row alive for backward. FLOPs are unchanged; only ``x``/``dy`` rows are
+gathered once per chunk.
 """
 
 from __future__ import annotations
@@ -71,16 +80,24 @@ def max_row_tiles(num_assignments: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_assignments, block_m) + num_experts
 
 
+def i_chunk(I: int, H: int, buffers_per_col: int, block_n: int) -> int:
+    """Columns of ``I`` per chunk so that ``buffers_per_col * chunk <= ~H`` (a multiple of
+    ``block_n``; the whole ``I`` when it already fits)."""
+    chunks = max(1, triton.cdiv(buffers_per_col * I, H))
+    return min(I, triton.cdiv(triton.cdiv(I, chunks), block_n) * block_n)
+
+
 def _launch_grouped_gemm(a, w, out, sorted_slots, expert_offsets, *, n_cols, k_dim, w_strides,
-                         gather_a, scatter_out, fuse_swiglu, num_experts, top_k, cfg):
+                         gather_a, scatter_out, num_experts, top_k, cfg, up_offset=0,
+                         fuse_swiglu=False, accumulate=False):
     A = sorted_slots.shape[0]
     grid = (max_row_tiles(A, num_experts, cfg.BLOCK_M), triton.cdiv(n_cols, cfg.BLOCK_N))
     stride_we, stride_wk, stride_wn = w_strides
     grouped_gemm_kernel[grid](
         a, w, out, sorted_slots, expert_offsets, n_cols, k_dim,
-        a.stride(0), stride_we, stride_wk, stride_wn, out.stride(0),
+        a.stride(0), stride_we, stride_wk, stride_wn, out.stride(0), up_offset,
         GATHER_A=gather_a, SCATTER_OUT=scatter_out, FUSE_SWIGLU=fuse_swiglu,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        ACCUMULATE=accumulate, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         BLOCK_NE=triton.next_power_of_2(num_experts),
         **_common_meta(a, num_experts, top_k), **cfg.launch_options(),
     )
@@ -101,18 +118,23 @@ def _launch_weight_grad(a, b, row_scale, out, sorted_slots, expert_offsets, *, M
 
 
 def _launch_combine(slot_out, x, topk_ids, topk_weights, y, *, num_experts, weight_true,
-                    identity):
+                    identity, accumulate):
     T, H = y.shape
     grid = (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(H, COMBINE_BLOCK_H))
     combine_slots_kernel[grid](
         slot_out, x, topk_ids, topk_weights, y, T, H, x.stride(0),
         N_TRUE=num_experts, TOP_K=topk_ids.shape[1], WEIGHT_TRUE=weight_true, IDENTITY=identity,
-        BLOCK_T=COMBINE_BLOCK_T, BLOCK_H=COMBINE_BLOCK_H,
+        ACCUMULATE=accumulate, BLOCK_T=COMBINE_BLOCK_T, BLOCK_H=COMBINE_BLOCK_H,
     )
 
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _routing_tensors(topk_ids, topk_weights, sorted_slots, expert_offsets):
+    return (topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous(),
+            sorted_slots.to(torch.int32).contiguous(), expert_offsets.to(torch.int32).contiguous())
 
 
 @torch.library.custom_op("adamoe::moe_mlp", mutates_args=())
@@ -126,27 +148,31 @@ def moe_mlp_op(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
     I = two_i // 2
     k = topk_ids.shape[1]
     A = T * k
-    y = new_empty((T, H), hidden.dtype, hidden.device)
+    dev, dt = hidden.device, hidden.dtype
+    y = new_empty((T, H), dt, dev)
     if T == 0:
         return y
-    ids = topk_ids.to(torch.int32).contiguous()
-    weights = topk_weights.float().contiguous()
-    slots = sorted_slots.to(torch.int32).contiguous()
-    offsets = expert_offsets.to(torch.int32).contiguous()
+    ids, weights, slots, offsets = _routing_tensors(topk_ids, topk_weights, sorted_slots,
+                                                    expert_offsets)
     cfg = gemm_config(hidden)
-    h = new_empty((A, I), hidden.dtype, hidden.device)
-    _launch_grouped_gemm(
-        hidden, gate_up_proj, h, slots, offsets, n_cols=I, k_dim=H,
-        w_strides=(gate_up_proj.stride(0), gate_up_proj.stride(2), gate_up_proj.stride(1)),
-        gather_a=True, scatter_out=False, fuse_swiglu=True, num_experts=n, top_k=k, cfg=cfg)
-    slot_out = new_empty((A, H), hidden.dtype, hidden.device)
-    _launch_grouped_gemm(
-        h, down_proj, slot_out, slots, offsets, n_cols=H, k_dim=I,
-        w_strides=(down_proj.stride(0), down_proj.stride(2), down_proj.stride(1)),
-        gather_a=False, scatter_out=True, fuse_swiglu=False, num_experts=n, top_k=k, cfg=cfg)
-    _launch_combine(slot_out, hidden, ids, weights, y, num_experts=n, weight_true=True,
-                    identity=null_kind == "identity")
-    return y
+    chunk = i_chunk(I, H, 1, cfg.BLOCK_N)
+    y_acc = y if chunk == I else new_empty((T, H), torch.float32, dev)
+    h = new_empty((A, chunk), dt, dev)
+    slot_out = new_empty((A, H), dt, dev)
+    for c0 in range(0, I, chunk):
+        cols = min(chunk, I - c0)
+        _launch_grouped_gemm(
+            hidden, gate_up_proj[:, c0:], h, slots, offsets, n_cols=cols, k_dim=H,
+            w_strides=(gate_up_proj.stride(0), gate_up_proj.stride(2), gate_up_proj.stride(1)),
+            gather_a=True, scatter_out=False, fuse_swiglu=True,
+            up_offset=I * gate_up_proj.stride(1), num_experts=n, top_k=k, cfg=cfg)
+        _launch_grouped_gemm(
+            h, down_proj[:, :, c0:], slot_out, slots, offsets, n_cols=H, k_dim=cols,
+            w_strides=(down_proj.stride(0), down_proj.stride(2), down_proj.stride(1)),
+            gather_a=False, scatter_out=True, num_experts=n, top_k=k, cfg=cfg)
+        _launch_combine(slot_out, hidden, ids, weights, y_acc, num_experts=n, weight_true=True,
+                        identity=null_kind == "identity" and c0 == 0, accumulate=c0 > 0)
+    return y if y_acc is y else y_acc.to(dt)
 
 
 @moe_mlp_op.register_fake
@@ -178,48 +204,53 @@ def moe_mlp_backward_op(
     d_down = new_empty(down_proj.shape if weight_grads else (0,), down_proj.dtype, dev)
     if T == 0:
         return dx, d_gate_up.zero_(), d_down.zero_(), d_weights
-    ids = topk_ids.to(torch.int32).contiguous()
-    weights = topk_weights.float().contiguous()
-    slots = sorted_slots.to(torch.int32).contiguous()
-    offsets = expert_offsets.to(torch.int32).contiguous()
+    ids, weights, slots, offsets = _routing_tensors(topk_ids, topk_weights, sorted_slots,
+                                                    expert_offsets)
     meta = _common_meta(hidden, n, k)
-    cfg = gemm_config(hidden)
-    BLOCK_NE = triton.next_power_of_2(n)
-
-    num_parts = triton.cdiv(I, cfg.BLOCK_N)
-    dgu = new_empty((A, 2 * I), dt, dev)
-    h = new_empty((A, I) if weight_grads else (1, 1), dt, dev)
-    dw_partial = new_empty((A, num_parts), torch.float32, dev)
-    swiglu_backward_kernel[(max_row_tiles(A, n, cfg.BLOCK_M), num_parts)](
-        hidden, dy, gate_up_proj, down_proj, weights, slots, offsets, dgu, h, dw_partial,
-        H, I, hidden.stride(0), dy.stride(0),
-        gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
-        down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
-        STORE_H=weight_grads, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        BLOCK_NE=BLOCK_NE, **meta, **cfg.launch_options(),
-    )
-
-    if weight_grads:
-        wcfg = wgrad_config(hidden)
-        _launch_weight_grad(dy, h, weights, d_down, slots, offsets, M=H, N=I, gather_a=True,
-                            gather_b=False, has_scale=True, top_k=k, meta=meta, cfg=wcfg)
-        _launch_weight_grad(dgu, hidden, weights, d_gate_up, slots, offsets, M=2 * I, N=H,
-                            gather_a=False, gather_b=True, has_scale=False, top_k=k, meta=meta,
-                            cfg=wcfg)
-    del h  # freed before dx_slots is allocated: the peak stays at A * (2I + max(I, H))
-    dx_slots = new_empty((A, H), dt, dev)
-    _launch_grouped_gemm(
-        dgu, gate_up_proj, dx_slots, slots, offsets, n_cols=H, k_dim=2 * I,
-        w_strides=(gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2)),
-        gather_a=False, scatter_out=True, fuse_swiglu=False, num_experts=n, top_k=k, cfg=cfg)
+    cfg, wcfg = gemm_config(hidden), wgrad_config(hidden)
     identity = null_kind == "identity"
-    _launch_combine(dx_slots, dy, ids, weights, dx, num_experts=n, weight_true=False,
-                    identity=identity)
+    chunk = i_chunk(I, H, 3, cfg.BLOCK_N)
+    num_parts = triton.cdiv(I, cfg.BLOCK_N)
+    dx_acc = dx if chunk == I else new_empty((T, H), torch.float32, dev)
+    dgu = new_empty((A, 2 * chunk), dt, dev)
+    h = new_empty((A, chunk) if weight_grads else (1, 1), dt, dev)
+    dw_partial = new_empty((A, num_parts), torch.float32, dev)
+    dx_slots = new_empty((A, H), dt, dev)
+    gu_s0, gu_s1, gu_s2 = gate_up_proj.stride()
+    for c0 in range(0, I, chunk):
+        cols = min(chunk, I - c0)
+        dg, du = dgu[:, :cols], dgu[:, chunk:chunk + cols]
+        swiglu_backward_kernel[(max_row_tiles(A, n, cfg.BLOCK_M), triton.cdiv(cols, cfg.BLOCK_N))](
+            hidden, dy, gate_up_proj[:, c0:], down_proj[:, :, c0:], weights, slots, offsets,
+            dgu, h, dw_partial, H, cols, hidden.stride(0), dy.stride(0),
+            gu_s0, gu_s1, gu_s2, I * gu_s1,
+            down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
+            dgu.stride(0), chunk, h.stride(0), c0 // cfg.BLOCK_N, num_parts,
+            STORE_H=weight_grads, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+            BLOCK_NE=triton.next_power_of_2(n), **meta, **cfg.launch_options(),
+        )
+        if weight_grads:
+            _launch_weight_grad(dy, h[:, :cols], weights, d_down[:, :, c0:c0 + cols], slots,
+                                offsets, M=H, N=cols, gather_a=True, gather_b=False,
+                                has_scale=True, top_k=k, meta=meta, cfg=wcfg)
+            for d_rows, row0 in ((dg, c0), (du, I + c0)):
+                _launch_weight_grad(d_rows, hidden, weights, d_gate_up[:, row0:row0 + cols], slots,
+                                    offsets, M=cols, N=H, gather_a=False, gather_b=True,
+                                    has_scale=False, top_k=k, meta=meta, cfg=wcfg)
+        for d_rows, row0, acc in ((dg, c0, False), (du, I + c0, True)):
+            _launch_grouped_gemm(
+                d_rows, gate_up_proj[:, row0:], dx_slots, slots, offsets, n_cols=H, k_dim=cols,
+                w_strides=(gu_s0, gu_s1, gu_s2), gather_a=False, scatter_out=True,
+                accumulate=acc, num_experts=n, top_k=k, cfg=cfg)
+        _launch_combine(dx_slots, dy, ids, weights, dx_acc, num_experts=n, weight_true=False,
+                        identity=identity and c0 == 0, accumulate=c0 > 0)
     slot_weight_grad_kernel[(triton.cdiv(T, COMBINE_BLOCK_T),)](
         dw_partial, hidden, dy, ids, d_weights, T, H, hidden.stride(0), dy.stride(0), num_parts,
         N_TRUE=n, TOP_K=k, IDENTITY=identity, BLOCK_T=COMBINE_BLOCK_T,
         BLOCK_P=min(triton.next_power_of_2(num_parts), 64), BLOCK_H=COMBINE_BLOCK_H,
     )
+    if dx_acc is not dx:
+        dx.copy_(dx_acc)
     return dx, d_gate_up, d_down, d_weights
 
 
