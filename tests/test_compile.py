@@ -53,3 +53,21 @@ def test_opcheck_moe_mlp(device, null_kind, normalize):
                           (torch.randn(10, H, device=device),) + tuple(
                               a.detach() if isinstance(a, torch.Tensor) else a for a in args)
                           + (True,))
+
+
+@pytest.mark.gpu
+def test_no_host_sync_on_cuda():
+    """route + moe_mlp forward and backward never synchronise with the host."""
+    logits = make_logits(256, 8, 8, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gate_up, down = (t.requires_grad_() for t in make_experts(8, 128, 256, device="cuda",
+                                                               dtype=torch.bfloat16))
+    grad = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+    ak.moe_mlp(x, gate_up, down, ak.route(logits, 3, 8)).backward(grad)  # warm-up: compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = ak.moe_mlp(x, gate_up, down, ak.route(logits, 3, 8))
+        y.backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
