@@ -74,8 +74,9 @@ def record_launches(fn) -> None:
 
 def core_workloads() -> None:
     """The launches of route, moe_mlp forward and backward for the dtypes users run on GPU."""
-    T, H, I, n, m, k = 300, 256, 320, 8, 8, 3
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    H, I, n, m, k = 256, 320, 8, 8, 3
+    for T, dtype in ((300, torch.bfloat16), (300, torch.float16), (300, torch.float32),
+                     (5, torch.bfloat16)):  # T=5: decode-sized row tiles
         logits = torch.randn(T, n + m)
         w, ids, counts, offsets, slots = routing_ops.route_op(logits.to(dtype), k, n, "true")
         routing_ops.route_backward_op(w, logits.to(dtype), ids, n, "true")

@@ -128,7 +128,7 @@ def test_grouped_gemm_touches_only_true_rows(device):
     _launch_grouped_gemm(x, w, out, r.sorted_slots, r.expert_offsets, n_cols=I, k_dim=H,
                          w_strides=(w.stride(0), w.stride(2), w.stride(1)), gather_a=True,
                          scatter_out=False, fuse_swiglu=False, num_experts=n, top_k=k,
-                         cfg=gemm_config(x))
+                         cfg=gemm_config(x, T * k, n))
     assert torch.isnan(out[rows:]).all()
     slots = r.sorted_slots[:rows].long()
     experts = r.topk_ids.reshape(-1)[slots].long()

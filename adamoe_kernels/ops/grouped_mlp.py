@@ -27,6 +27,8 @@ gathered once per chunk.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 
@@ -49,11 +51,18 @@ COMBINE_BLOCK_T = 16
 COMBINE_BLOCK_H = 128
 
 
-def gemm_config(x: torch.Tensor) -> KernelConfig:
-    """Tile config for the row-tiled grouped GEMMs on ``x``'s device and dtype."""
+def gemm_config(x: torch.Tensor, num_assignments: int, num_experts: int) -> KernelConfig:
+    """Tile config for the row-tiled grouped GEMMs on ``x``'s device and dtype.
+
+    ``BLOCK_M`` follows the mean rows per expert (a static bound: ``T*k / n``), so small batches
+    (decoding) waste at most a 16-row partial tile per expert instead of 64.
+    """
     if interpreting(x):
         return INTERPRETER_GEMM
-    return GPU_GEMM_FP32 if x.dtype == torch.float32 else GPU_GEMM
+    base = GPU_GEMM_FP32 if x.dtype == torch.float32 else GPU_GEMM
+    rows = triton.cdiv(num_assignments, num_experts)
+    block_m = min(base.BLOCK_M, max(16, triton.next_power_of_2(rows)))
+    return dataclasses.replace(base, BLOCK_M=block_m)
 
 
 def wgrad_config(x: torch.Tensor) -> KernelConfig:
@@ -154,7 +163,7 @@ def moe_mlp_op(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
         return y
     ids, weights, slots, offsets = _routing_tensors(topk_ids, topk_weights, sorted_slots,
                                                     expert_offsets)
-    cfg = gemm_config(hidden)
+    cfg = gemm_config(hidden, A, n)
     chunk = i_chunk(I, H, 1, cfg.BLOCK_N)
     y_acc = y if chunk == I else new_empty((T, H), torch.float32, dev)
     h = new_empty((A, chunk), dt, dev)
@@ -207,7 +216,7 @@ def moe_mlp_backward_op(
     ids, weights, slots, offsets = _routing_tensors(topk_ids, topk_weights, sorted_slots,
                                                     expert_offsets)
     meta = _common_meta(hidden, n, k)
-    cfg, wcfg = gemm_config(hidden), wgrad_config(hidden)
+    cfg, wcfg = gemm_config(hidden, A, n), wgrad_config(hidden)
     identity = null_kind == "identity"
     chunk = i_chunk(I, H, 3, cfg.BLOCK_N)
     num_parts = triton.cdiv(I, cfg.BLOCK_N)
