@@ -49,12 +49,28 @@ def group_slots(topk_ids: torch.Tensor, num_experts: int):
     return counts.int(), offsets.int(), sorted_slots.int()
 
 
-def route(router_logits: torch.Tensor, top_k: int, num_experts: int,
-          normalize: str = "true") -> Routing:
-    """Top-k of ``n+m`` experts, null assignments dropped, weights normalised, slots grouped."""
-    check_route_args(router_logits, top_k, num_experts, normalize)
+def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: str = "true", *,
+          top_p: float | None = None, selection_bias: torch.Tensor | None = None) -> Routing:
+    """Top-k of ``n+m`` experts, null assignments dropped, weights normalised, slots grouped.
+
+    ``selection_bias [n+m]`` is added to the logits for *choosing* experts only (the weights come
+    from the unbiased probabilities). ``top_p`` keeps slot ``j`` only while the selection mass of
+    the slots before it is below ``top_p`` (null experts count in the mass); a dropped slot gets
+    id ``n+m`` and weight 0 and is treated like a null slot.
+    """
+    check_route_args(router_logits, top_k, num_experts, normalize, top_p=top_p,
+                     selection_bias=selection_bias)
     probs = torch.softmax(router_logits.float(), dim=-1)
-    topk_probs, topk_ids = torch.topk(probs, top_k, dim=-1)
+    if selection_bias is None:
+        select = probs
+    else:
+        select = torch.softmax(router_logits.float() + selection_bias.float(), dim=-1)
+    select_top, topk_ids = torch.topk(select, top_k, dim=-1)
+    topk_probs = probs.gather(1, topk_ids)
+    if top_p is not None:
+        keep = (torch.cumsum(select_top, dim=-1) - select_top) < top_p
+        topk_ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, probs.shape[1]))
+        topk_probs = torch.where(keep, topk_probs, torch.zeros_like(topk_probs))
     weights = normalize_topk(topk_probs, topk_ids, num_experts, normalize)
     counts, offsets, sorted_slots = group_slots(topk_ids, num_experts)
     return Routing(topk_ids=topk_ids.int(), topk_weights=weights, expert_counts=counts,

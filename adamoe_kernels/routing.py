@@ -50,7 +50,8 @@ class Routing:
 
 
 def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: str = "true",
-          *, backend: str | None = None, check_finite: bool | None = None) -> Routing:
+          *, top_p: float | None = None, selection_bias: torch.Tensor | None = None,
+          backend: str | None = None, check_finite: bool | None = None) -> Routing:
     """Route every token to its top-k of ``n+m`` experts and group the true assignments.
 
     Args:
@@ -60,18 +61,32 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
         num_experts: ``n``, the number of true experts.
         normalize: ``"true"`` (weights sum to 1 over the true slots; all-null tokens get zeros),
             ``"all"`` (over all k slots) or ``"none"`` (raw softmax probabilities).
-        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``_backend``.
+        top_p: keep, per token, the smallest prefix of its top-k whose probability mass reaches
+            ``top_p`` (null experts count in the mass; at most k slots). Dropped slots get the id
+            ``n+m`` and weight 0 and count as null slots everywhere.
+        selection_bias: ``[n+m]`` float added to the logits only to *choose* the experts (the
+            weights use the unbiased probabilities): the load dial (a bias on the null columns)
+            and auxiliary-loss-free balancing.
+        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``_backend``. The cpu
+            backend has no top-p/selection bias: by default those calls use the torch backend.
         check_finite: also check for NaN/Inf on CUDA (costs a host sync). CPU always checks.
 
     Returns:
         A ``Routing``. No host synchronisation happens on the triton and cpu backends.
     """
-    check_route_args(router_logits, top_k, num_experts, normalize, check_finite)
+    check_route_args(router_logits, top_k, num_experts, normalize, check_finite, top_p=top_p,
+                     selection_bias=selection_bias)
     which = resolve_backend(backend, router_logits.device)
+    extended = top_p is not None or selection_bias is not None
+    if which == "cpu" and extended:
+        if backend == "cpu":
+            raise ValueError("backend='cpu' has no top_p/selection_bias; use 'triton' or 'torch'")
+        which = "torch"
     if which == "torch":
         from . import reference
 
-        return reference.route(router_logits, top_k, num_experts, normalize)
+        return reference.route(router_logits, top_k, num_experts, normalize, top_p=top_p,
+                               selection_bias=selection_bias)
     if which == "cpu":
         from .ops.cpu import route_cpu
 
@@ -79,7 +94,7 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
     else:
         from .ops.routing import route_triton
 
-        outs = route_triton(router_logits, top_k, num_experts, normalize)
+        outs = route_triton(router_logits, top_k, num_experts, normalize, top_p, selection_bias)
     ids, weights, counts, offsets, slots = outs
     return Routing(topk_ids=ids, topk_weights=weights, expert_counts=counts,
                    expert_offsets=offsets, sorted_slots=slots, normalize=normalize)

@@ -80,6 +80,7 @@ def core_workloads() -> None:
         logits = torch.randn(T, n + m)
         w, ids, counts, offsets, slots = routing_ops.route_op(logits.to(dtype), k, n, "true")
         routing_ops.route_backward_op(w, logits.to(dtype), ids, n, "true")
+        routing_ops.route_op(logits.to(dtype), k, n, "all", 0.7, torch.zeros(n + m))
         x = torch.randn(T, H, dtype=dtype)
         gu = torch.randn(n, 2 * I, H, dtype=dtype)
         d = torch.randn(n, H, I, dtype=dtype)

@@ -3,6 +3,8 @@ backward. Naming: ``i_`` program ids, ``o_`` offsets, ``m_`` masks, ``b_`` regis
 
 Normalisation codes (``NORMALIZE``): 0 = "true" (over the true slots), 1 = "all", 2 = "none".
 Slot groups: true expert ``e`` is group ``e``; every null expert falls in group ``n`` (``N_TRUE``).
+Top-p drops the slots after the probability mass reached ``top_p``: a dropped slot gets the id
+``E`` (= n+m, "no expert"), weight 0, and is grouped with the null slots.
 """
 
 import triton
@@ -10,10 +12,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _softmax_rows(logits_ptr, stride_t, o_t, m_t, o_e, m_e):
-    """fp32 softmax of the rows ``o_t`` over the columns ``o_e`` (padding columns get 0)."""
+def _softmax_rows(logits_ptr, stride_t, o_t, m_t, o_e, m_e, b_bias=None):
+    """fp32 softmax of the rows ``o_t`` (plus ``b_bias [BLOCK_E]`` if given) over the columns
+    ``o_e`` (padding columns get 0)."""
     p_logits = logits_ptr + o_t[:, None].to(tl.int64) * stride_t + o_e[None, :]
     b_x = tl.load(p_logits, mask=m_t[:, None] & m_e[None, :], other=0.0).to(tl.float32)
+    if b_bias is not None:
+        b_x = b_x + b_bias[None, :]
     b_x = tl.where(m_e[None, :], b_x, float("-inf"))
     b_x = b_x - tl.max(b_x, axis=1)[:, None]
     b_p = tl.exp(b_x)
@@ -23,22 +28,27 @@ def _softmax_rows(logits_ptr, stride_t, o_t, m_t, o_e, m_e):
 @triton.jit
 def route_topk_kernel(
     logits_ptr,        # [T, E] router logits (any float dtype), row stride stride_t
+    bias_ptr,          # [E] float32 selection bias (HAS_BIAS): ranks experts, not their weights
     topk_ids_ptr,      # [T, K] int32 out
     topk_weights_ptr,  # [T, K] float32 out
     slot_rank_ptr,     # [T, K] int32 out: rank of the slot among this block's slots of its group
     block_counts_ptr,  # [num_blocks, N_TRUE + 1] int32 out: slots per group in this block
     T,
     stride_t,
+    top_p,                  # USE_TOP_P: keep slot j while the mass of slots < j is below top_p
     N_TRUE: tl.constexpr,   # n, true experts
     E: tl.constexpr,        # n + m
     K: tl.constexpr,        # top_k
     NORMALIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_TOP_P: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next power of two >= E + 1
     BLOCK_K: tl.constexpr,  # next power of two >= K
 ):
-    """One program routes ``BLOCK_T`` tokens: softmax, k rounds of argmax (ties -> lower id),
-    weights, per-group counts and each slot's stable rank inside its group within the block."""
+    """One program routes ``BLOCK_T`` tokens: softmax, k rounds of argmax (ties -> lower id) of
+    the selection scores (the probabilities, or ``softmax(logits + bias)``), optional top-p cut,
+    weights from the probabilities, per-group counts and each slot's stable rank in its group."""
     i_b = tl.program_id(0)
     o_t = i_b * BLOCK_T + tl.arange(0, BLOCK_T)
     o_e = tl.arange(0, BLOCK_E)
@@ -47,18 +57,34 @@ def route_topk_kernel(
     m_e = o_e < E
 
     b_p = _softmax_rows(logits_ptr, stride_t, o_t, m_t, o_e, m_e)
-    b_work = tl.where(m_e[None, :], b_p, -2.0)
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_e, mask=m_e, other=0.0)
+        b_sel = _softmax_rows(logits_ptr, stride_t, o_t, m_t, o_e, m_e, b_bias)
+    else:
+        b_sel = b_p
+    b_work = tl.where(m_e[None, :], b_sel, -2.0)
     b_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     b_top = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     b_chosen = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32)
+    b_mass = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for j in tl.static_range(K):
         b_max = tl.max(b_work, axis=1)
         b_arg = tl.min(tl.where(b_work == b_max[:, None], o_e[None, :], BLOCK_E), axis=1)
         b_hit = o_e[None, :] == b_arg[:, None]
         b_work = tl.where(b_hit, -1.0, b_work)
+        if HAS_BIAS:
+            b_prob = tl.sum(tl.where(b_hit, b_p, 0.0), axis=1)
+        else:
+            b_prob = b_max
+        if USE_TOP_P:
+            b_keep = b_mass < top_p
+            b_mass += b_max
+            b_arg = tl.where(b_keep, b_arg, E)
+            b_prob = tl.where(b_keep, b_prob, 0.0)
+            b_hit = b_hit & b_keep[:, None]
         b_chosen = tl.where(b_hit, 1, b_chosen)
         b_ids = tl.where(o_k[None, :] == j, b_arg[:, None], b_ids)
-        b_top = tl.where(o_k[None, :] == j, b_max[:, None], b_top)
+        b_top = tl.where(o_k[None, :] == j, b_prob[:, None], b_top)
 
     m_k = o_k < K
     b_true = (b_ids < N_TRUE) & m_k[None, :]
@@ -80,9 +106,9 @@ def route_topk_kernel(
     # Group counts of this block and stable ranks (slot order t*K + j inside each group).
     b_chosen = tl.where(m_t[:, None], b_chosen, 0)
     b_excl = tl.cumsum(b_chosen, axis=0) - b_chosen          # [BLOCK_T, BLOCK_E]
-    b_null_tok = tl.sum(tl.where(o_e[None, :] >= N_TRUE, b_chosen, 0), axis=1)   # [BLOCK_T]
+    b_is_null = tl.where(b_true | (o_k[None, :] >= K) | (~m_t[:, None]), 0, 1)  # null or dropped
+    b_null_tok = tl.sum(b_is_null, axis=1)                                         # [BLOCK_T]
     b_null_excl = tl.cumsum(b_null_tok, axis=0) - b_null_tok
-    b_is_null = tl.where(b_true | (o_k[None, :] >= K), 0, 1)
     b_null_before = tl.cumsum(b_is_null, axis=1) - b_is_null   # null slots of the token before j
     b_rank = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for j in tl.static_range(K):

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 
@@ -31,9 +33,9 @@ def _route_block_t(num_cols: int, x: torch.Tensor) -> int:
 
 
 @torch.library.custom_op("adamoe::route", mutates_args=())
-def route_op(router_logits: torch.Tensor, top_k: int, num_experts: int,
-             normalize: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                      torch.Tensor]:
+def route_op(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: str,
+             top_p: Optional[float] = None, selection_bias: Optional[torch.Tensor] = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(topk_weights, topk_ids, expert_counts, expert_offsets, sorted_slots)``."""
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     T, E = logits.shape
@@ -52,9 +54,12 @@ def route_op(router_logits: torch.Tensor, top_k: int, num_experts: int,
     block_start = torch.empty_like(block_counts)
     BLOCK_E = triton.next_power_of_2(E + 1)
     BLOCK_K = triton.next_power_of_2(k)
+    bias = logits if selection_bias is None else selection_bias.float().contiguous()
     route_topk_kernel[(num_blocks,)](
-        logits, ids, weights, ranks, block_counts, T, logits.stride(0),
+        logits, bias, ids, weights, ranks, block_counts, T, logits.stride(0),
+        2.0 if top_p is None else float(top_p),
         N_TRUE=n, E=E, K=k, NORMALIZE=NORMALIZE_CODES[normalize],
+        HAS_BIAS=selection_bias is not None, USE_TOP_P=top_p is not None,
         BLOCK_T=block_t, BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K,
     )
     group_offsets_kernel[(1,)](
@@ -69,7 +74,7 @@ def route_op(router_logits: torch.Tensor, top_k: int, num_experts: int,
 
 
 @route_op.register_fake
-def _(router_logits, top_k, num_experts, normalize):
+def _(router_logits, top_k, num_experts, normalize, top_p=None, selection_bias=None):
     T = router_logits.shape[0]
     new = router_logits.new_empty
     return (new((T, top_k), dtype=torch.float32), new((T, top_k), dtype=torch.int32),
@@ -103,7 +108,7 @@ def _(grad_weights, router_logits, topk_ids, num_experts, normalize):
 
 
 def _route_setup_context(ctx, inputs, output):
-    router_logits, _, num_experts, normalize = inputs
+    router_logits, _, num_experts, normalize = inputs[:4]
     ctx.save_for_backward(router_logits, output[1])
     ctx.num_experts, ctx.normalize = num_experts, normalize
 
@@ -111,20 +116,20 @@ def _route_setup_context(ctx, inputs, output):
 def _route_backward(ctx, g_weights, g_ids, g_counts, g_offsets, g_slots):
     router_logits, ids = ctx.saved_tensors
     if g_weights is None:
-        return None, None, None, None
+        return None, None, None, None, None, None
     grad = torch.ops.adamoe.route_backward(g_weights, router_logits, ids, ctx.num_experts,
                                            ctx.normalize)
-    return grad, None, None, None
+    return grad, None, None, None, None, None
 
 
 route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
-def route_triton(router_logits, top_k, num_experts, normalize):
+def route_triton(router_logits, top_k, num_experts, normalize, top_p=None, selection_bias=None):
     """Public-API entry: the ``adamoe::route`` op (CUDA, or CPU under the Triton interpreter).
 
     Returns ``(topk_ids, topk_weights, expert_counts, expert_offsets, sorted_slots)``.
     """
-    weights, ids, counts, offsets, slots = torch.ops.adamoe.route(router_logits, top_k,
-                                                                  num_experts, normalize)
+    weights, ids, counts, offsets, slots = torch.ops.adamoe.route(
+        router_logits, top_k, num_experts, normalize, top_p, selection_bias)
     return ids, weights, counts, offsets, slots
