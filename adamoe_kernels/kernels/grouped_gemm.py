@@ -35,6 +35,14 @@ def _row_tile(expert_offsets_ptr, i_m, N_TRUE: tl.constexpr, BLOCK_NE: tl.conste
 
 
 @triton.jit
+def _store_block(p_out, b_acc, m_out, ACCUMULATE: tl.constexpr):
+    """Store the fp32 block ``b_acc`` in the output's dtype, adding what is there if ACCUMULATE."""
+    if ACCUMULATE:
+        b_acc += tl.load(p_out, mask=m_out, other=0.0).to(tl.float32)
+    tl.store(p_out, b_acc.to(p_out.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
 def grouped_gemm_kernel(
     a_ptr,               # GATHER_A: [T, K] token rows (row t at t*stride_am); else [A, K] compact
     w_ptr,               # [n, ...] expert weights: (e, k, j) at e*stride_we + k*stride_wk + j*stride_wn
@@ -111,10 +119,7 @@ def grouped_gemm_kernel(
     else:
         o_out = o_r.to(tl.int64)
     p_out = out_ptr + o_out[:, None] * stride_om + o_n[None, :]
-    m_out = m_r[:, None] & m_n[None, :]
-    if ACCUMULATE:
-        b_acc += tl.load(p_out, mask=m_out, other=0.0).to(tl.float32)
-    tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_out)
+    _store_block(p_out, b_acc, m_r[:, None] & m_n[None, :], ACCUMULATE)
 
 
 @triton.jit
@@ -334,11 +339,8 @@ def combine_slots_kernel(
         b_acc += b_o
         if IDENTITY:
             b_acc += tl.where(b_true, 0.0, b_w)[:, None] * b_x
-    p_y = y_ptr + o_t64[:, None] * H + o_h[None, :]
-    m_y = m_t[:, None] & m_h[None, :]
-    if ACCUMULATE:
-        b_acc += tl.load(p_y, mask=m_y, other=0.0).to(tl.float32)
-    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_y)
+    _store_block(y_ptr + o_t64[:, None] * H + o_h[None, :], b_acc,
+                 m_t[:, None] & m_h[None, :], ACCUMULATE)
 
 
 @triton.jit

@@ -141,6 +141,14 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _layer_shapes(hidden, gate_up_proj, topk_ids):
+    """``(T, H, n, I, k, A)`` with ``A = T*k`` the static bound on true assignments."""
+    T, H = hidden.shape
+    n, two_i, _ = gate_up_proj.shape
+    k = topk_ids.shape[1]
+    return T, H, n, two_i // 2, k, T * k
+
+
 def _routing_tensors(topk_ids, topk_weights, sorted_slots, expert_offsets):
     return (topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous(),
             sorted_slots.to(torch.int32).contiguous(), expert_offsets.to(torch.int32).contiguous())
@@ -152,11 +160,7 @@ def moe_mlp_op(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
                expert_offsets: torch.Tensor, null_kind: str) -> torch.Tensor:
     """Forward of the grouped expert MLP; see the module docstring."""
     hidden = _row_major(hidden)
-    T, H = hidden.shape
-    n, two_i, _ = gate_up_proj.shape
-    I = two_i // 2
-    k = topk_ids.shape[1]
-    A = T * k
+    T, H, n, I, k, A = _layer_shapes(hidden, gate_up_proj, topk_ids)
     dev, dt = hidden.device, hidden.dtype
     y = new_empty((T, H), dt, dev)
     if T == 0:
@@ -201,11 +205,7 @@ def moe_mlp_backward_op(
     ``weight_grads=False`` the two weight gradients are skipped and returned empty."""
     hidden = _row_major(hidden)
     dy = grad_out.to(hidden.dtype).contiguous()
-    T, H = hidden.shape
-    n, two_i, _ = gate_up_proj.shape
-    I = two_i // 2
-    k = topk_ids.shape[1]
-    A = T * k
+    T, H, n, I, k, A = _layer_shapes(hidden, gate_up_proj, topk_ids)
     dev, dt = hidden.device, hidden.dtype
     dx = new_empty((T, H), dt, dev)
     d_weights = new_empty((T, k), torch.float32, dev)
