@@ -8,6 +8,7 @@ Public API (names fixed by DESIGN.md)::
 """
 
 from . import reference
+from . import distributed
 from ._backend import BACKENDS, resolve_backend
 from .losses import AlphaSchedule, null_aware_aux_loss
 from .moe import moe_mlp
