@@ -10,6 +10,7 @@ Public API (names fixed by DESIGN.md)::
 from . import reference
 from . import distributed
 from ._backend import BACKENDS, resolve_backend
+from .lora import moe_lora
 from .losses import AlphaSchedule, null_aware_aux_loss
 from .moe import moe_mlp
 from .routing import Routing, route
@@ -20,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "AlphaSchedule",
     "Routing",
+    "moe_lora",
     "moe_mlp",
     "null_aware_aux_loss",
     "reference",

@@ -144,3 +144,26 @@ def null_aware_aux_loss(router_logits, top_k: int, num_experts: int,
     if m > 0:
         f = torch.cat([f[:num_experts], f[num_experts:].mean().expand(m)])
     return total * (f * P).sum()
+
+
+def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routing: Routing,
+             scaling: float = 1.0) -> torch.Tensor:
+    """LoRA experts: ``delta_t = sum_{true j} w_tj * scaling * B_e A_e x_t`` (null slots add 0).
+
+    ``x [T, in]``, ``lora_A [n, r, in]``, ``lora_B [n, out, r]``; returns ``[T, out]`` in x's dtype.
+    """
+    from .lora import check_moe_lora_args
+
+    check_moe_lora_args(x, lora_A, lora_B, routing, scaling)
+    n = lora_A.shape[0]
+    ids = routing.topk_ids.long()
+    weights = routing.topk_weights
+    y = torch.zeros((x.shape[0], lora_B.shape[1]), dtype=torch.float32, device=x.device)
+    for e in range(n):
+        token_idx, slot_idx = torch.where(ids == e)
+        if token_idx.numel() == 0:
+            continue
+        delta = F.linear(F.linear(x[token_idx], lora_A[e]), lora_B[e])
+        w = weights[token_idx, slot_idx, None].float() * scaling
+        y = y.index_add(0, token_idx, delta.float() * w)
+    return y.to(x.dtype)

@@ -1,0 +1,314 @@
+"""LoRA experts (``ak.moe_lora``): Triton kernels against ``reference.moe_lora``.
+
+Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so the shapes are tiny. GPU compilation is still checked here: every kernel is
+compiled ahead of time for sm_80 and sm_90 with the bf16 configs ``ops.lora.lora_configs`` really
+launches. That must use real ``JITFunction`` objects, but with TRITON_INTERPRET=1 set at import
+``@triton.jit`` returns ``InterpretedFunction`` wrappers (whose helper calls are wrappers too), so the
+AOT compile runs in a subprocess started with TRITON_INTERPRET=0 (``_aot_compile_all``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adamoe_kernels as ak
+from adamoe_kernels import reference
+
+from conftest import DTYPE_TOLERANCES
+
+N_TRUE = 4
+
+
+def _problem(device, dtype, T=16, in_f=48, out_f=40, r=8, n=N_TRUE, m=2, k=2, null_bias=0.0,
+             starve=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, in_f, generator=g).to(device=device, dtype=dtype)
+    A = (torch.randn(n, r, in_f, generator=g) * 0.2).to(device=device, dtype=dtype)
+    B = (torch.randn(n, out_f, r, generator=g) * 0.2).to(device=device, dtype=dtype)
+    logits = torch.randn(T, n + m, generator=g)
+    logits[:, n:] += null_bias
+    if starve is not None:
+        logits[:, starve] = -30.0          # this true expert gets no token
+    dy = torch.randn(T, out_f, generator=g).to(device=device, dtype=dtype)
+    return x, A, B, logits.to(device), dy
+
+
+def _run(x, A, B, logits, dy, k, n, scaling, backend):
+    """Forward + backward; returns ``y`` and the grads of x, A, B and the router logits."""
+    x, A, B, logits = (t.detach().clone().requires_grad_() for t in (x, A, B, logits))
+    rt = ak.route(logits, k, n, backend="torch")
+    y = ak.moe_lora(x, A, B, rt, scaling, backend=backend)
+    (y.float() * dy.float()).sum().backward()
+    return y.detach(), x.grad, A.grad, B.grad, logits.grad, rt
+
+
+def _assert_close(name, got, want, atol, rtol):
+    """``max |got - want| <= atol + rtol * max |want|`` (robust for sums of many bf16 terms)."""
+    assert got.shape == want.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
+    bound = atol + rtol * (want.float().abs().max().item() if want.numel() else 0.0)
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+CASES = {
+    "basic": dict(T=16, r=8, m=2, k=2),
+    "rank16_k_eq_n_plus_m": dict(T=10, r=16, m=2, k=N_TRUE + 2),
+    "T1": dict(T=1, r=8, m=3, k=2),
+    "empty_expert": dict(T=12, r=8, m=2, k=2, starve=1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLERANCES)
+def test_forward_backward_matches_reference(device, case, dtype, atol, rtol):
+    cfg = CASES[case]
+    x, A, B, logits, dy = _problem(device, dtype, **cfg)
+    k, scaling = cfg["k"], 1.5
+    y, dx, dA, dB, dlogits, rt = _run(x, A, B, logits, dy, k, N_TRUE, scaling, "triton")
+    # the oracle on fp32 upcasts of the same (rounded) inputs
+    y0, dx0, dA0, dB0, dlogits0, _ = _run(x.float(), A.float(), B.float(), logits, dy.float(), k,
+                                          N_TRUE, scaling, "torch")
+    assert y.dtype == dtype and y.shape == (x.shape[0], B.shape[1])
+    _assert_close("y", y, y0, atol, rtol)
+    _assert_close("dx", dx, dx0, atol, rtol)
+    _assert_close("dA", dA, dA0, atol, rtol)
+    _assert_close("dB", dB, dB0, atol, rtol)
+    _assert_close("d router_logits", dlogits, dlogits0, atol, rtol)
+    assert dA.dtype == dtype and dB.dtype == dtype and dx.dtype == dtype
+    counts = rt.expert_counts.cpu()
+    for e in range(N_TRUE):
+        if counts[e] == 0:   # an expert with no rows gets exact zeros (not stale memory)
+            assert torch.equal(dA[e], torch.zeros_like(dA[e]))
+            assert torch.equal(dB[e], torch.zeros_like(dB[e]))
+    if case == "empty_expert":
+        assert counts[cfg["starve"]] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_null_tokens_give_exact_zeros(device, dtype):
+    # null logits +20 and k <= m: every token's top-k is all null -> bypasses the layer
+    x, A, B, logits, dy = _problem(device, dtype, T=8, m=3, k=3, null_bias=20.0)
+    y, dx, dA, dB, dlogits, rt = _run(x, A, B, logits, dy, 3, N_TRUE, 2.0, "triton")
+    assert int(rt.expert_offsets[-1]) == 0
+    for name, t in (("y", y), ("dx", dx), ("dA", dA), ("dB", dB), ("dlogits", dlogits)):
+        assert torch.equal(t, torch.zeros_like(t)), name
+
+
+def test_no_null_experts_matches_reference(device):
+    x, A, B, logits, dy = _problem(device, torch.float32, T=9, m=0, k=2)
+    y, *grads = _run(x, A, B, logits, dy, 2, N_TRUE, 0.5, "triton")[:5]
+    y0, *grads0 = _run(x, A, B, logits, dy, 2, N_TRUE, 0.5, "torch")[:5]
+    _assert_close("y", y, y0, 1e-4, 1e-4)
+    for name, g, g0 in zip(("dx", "dA", "dB", "dlogits"), grads, grads0):
+        _assert_close(name, g, g0, 1e-4, 1e-4)
+
+
+def test_deterministic_bitwise(device):
+    x, A, B, logits, dy = _problem(device, torch.bfloat16, T=16, r=16, k=3)
+    first = _run(x, A, B, logits, dy, 3, N_TRUE, 1.0, "triton")[:5]
+    second = _run(x, A, B, logits, dy, 3, N_TRUE, 1.0, "triton")[:5]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_cpu_backend_falls_back_to_reference():
+    x, A, B, logits, _ = _problem("cpu", torch.float32, T=6)
+    rt = ak.route(logits, 2, N_TRUE, backend="torch")
+    want = reference.moe_lora(x, A, B, rt, 0.7)
+    assert torch.equal(ak.moe_lora(x, A, B, rt, 0.7, backend="cpu"), want)
+    assert torch.equal(ak.moe_lora(x, A, B, rt, 0.7, backend="torch"), want)
+
+
+def test_bad_inputs_raise():
+    x, A, B, logits, _ = _problem("cpu", torch.float32, T=6, in_f=16, out_f=16)
+    rt = ak.route(logits, 2, N_TRUE, backend="torch")
+    rt5 = ak.route(torch.randn(6, 5 + 2), 2, 5, backend="torch")
+    rt_t = ak.route(torch.randn(7, N_TRUE + 2), 2, N_TRUE, backend="torch")
+    meta_x = torch.empty_like(x, device="meta")
+    bad = [
+        (ValueError, "x", lambda: ak.moe_lora(x[0], A, B, rt)),
+        (TypeError, "x", lambda: ak.moe_lora(x.long(), A, B, rt)),
+        (TypeError, "x", lambda: ak.moe_lora(x.numpy(), A, B, rt)),
+        (TypeError, "lora_A", lambda: ak.moe_lora(x, A.double(), B, rt)),
+        (TypeError, "lora_B", lambda: ak.moe_lora(x, A, B.half(), rt)),
+        (ValueError, "lora_A", lambda: ak.moe_lora(x, A[:, :, :8], B, rt)),
+        (ValueError, "lora_A", lambda: ak.moe_lora(x, A[0], B, rt)),
+        (ValueError, "lora_B", lambda: ak.moe_lora(x, A, B[:, :, :4], rt)),
+        (ValueError, "lora_B", lambda: ak.moe_lora(x, A, B[:2], rt)),
+        (ValueError, "lora_A", lambda: ak.moe_lora(x, torch.zeros(N_TRUE, 300, 16),
+                                                   torch.zeros(N_TRUE, 16, 300), rt)),
+        (ValueError, "lora_A", lambda: ak.moe_lora(meta_x, A, B, rt)),
+        (ValueError, "routing", lambda: ak.moe_lora(x, A, B, rt5)),
+        (ValueError, "routing.topk_ids", lambda: ak.moe_lora(x, A, B, rt_t)),
+        (TypeError, "routing", lambda: ak.moe_lora(x, A, B, (rt.topk_ids, rt.topk_weights))),
+        (TypeError, "scaling", lambda: ak.moe_lora(x, A, B, rt, "2")),
+        (ValueError, "scaling", lambda: ak.moe_lora(x, A, B, rt, float("nan"))),
+        (ValueError, "backend", lambda: ak.moe_lora(x, A, B, rt, backend="cuda")),
+    ]
+    for exc, arg, fn in bad:
+        with pytest.raises(exc, match=arg):
+            fn()
+    # a broken Routing (wrong sorted_slots length) is caught before any kernel runs
+    broken = ak.Routing(rt.topk_ids, rt.topk_weights, rt.expert_counts, rt.expert_offsets,
+                        rt.sorted_slots[:-1])
+    with pytest.raises(ValueError, match="routing.sorted_slots"):
+        ak.moe_lora(x, A, B, broken)
+
+
+def _op_args(device, requires_grad):
+    x, A, B, logits, _ = _problem(device, torch.float32, T=5, in_f=16, out_f=24, r=8, k=2)
+    rt = ak.route(logits, 2, N_TRUE, backend="torch")
+    w = rt.topk_weights.detach().clone()
+    if requires_grad:
+        for t in (x, A, B, w):
+            t.requires_grad_()
+    return (x, A, B, rt.topk_ids, w, rt.sorted_slots, rt.expert_offsets, 1.5)
+
+
+def test_opcheck(device):
+    from adamoe_kernels.ops.lora import moe_lora_bwd_op, moe_lora_fwd_op  # noqa: F401
+
+    args = _op_args(device, requires_grad=True)
+    torch.library.opcheck(torch.ops.adamoe.moe_lora_fwd.default, args)
+    x, A, B, ids, w, slots, offsets, s = _op_args(device, requires_grad=False)
+    _, u = torch.ops.adamoe.moe_lora_fwd(x, A, B, ids, w, slots, offsets, s)
+    dy = torch.randn(x.shape[0], B.shape[1], device=device)
+    torch.library.opcheck(torch.ops.adamoe.moe_lora_bwd.default,
+                          (dy, x, A, B, ids, w, slots, offsets, u, s))
+
+
+def test_torch_compile_fullgraph(device):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x, A, B, logits, dy = _problem(device, torch.float32, T=8, in_f=16, out_f=24, k=2)
+
+    def f(x, A, B, rt):
+        return ak.moe_lora(x, A, B, rt, 1.5, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (f, compiled):
+        xs, As, Bs, lg = (t.detach().clone().requires_grad_() for t in (x, A, B, logits))
+        rt = ak.route(lg, 2, N_TRUE, backend="torch")
+        y = fn(xs, As, Bs, rt)
+        (y * dy).sum().backward()
+        results.append((y.detach(), xs.grad, As.grad, Bs.grad, lg.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --- ahead-of-time GPU compilation (no GPU needed) ------------------------------------------
+
+AOT_ARCHS = (80, 90)
+AOT_RANKS = (16, 128)   # rank 8/16 (BLOCK_R 16) and a wide rank (BLOCK_R 128, smaller tiles)
+
+
+def _aot_compile_all(archs=AOT_ARCHS, ranks=AOT_RANKS):
+    """Compile every LoRA kernel variant for ``cuda:sm_<arch>`` with the bf16 configs that
+    ``ops.lora.lora_configs(rank, interpret=False)`` launches. Must run with TRITON_INTERPRET=0.
+    Returns ``[(kernel, arch, rank, shared_bytes, has_mma)]``."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from adamoe_kernels.kernels import lora as K
+    from adamoe_kernels.ops.lora import block_ne, block_r, lora_configs
+
+    assert isinstance(K.lora_shrink_kernel, triton.runtime.jit.JITFunction), \
+        "AOT compile needs TRITON_INTERPRET=0 (JITFunction, not InterpretedFunction)"
+    fp_args = {"scaling"}
+    results = []
+    for rank in ranks:
+        cfgs = lora_configs(rank, interpret=False)
+        br, ne = block_r(rank), block_ne(8)
+        common = dict(UPCAST=False, DOT_PRECISION="tf32")
+        variants = [
+            ("shrink_fwd", K.lora_shrink_kernel, cfgs.shrink,
+             dict(x_ptr="bf16", w_ptr="bf16", u_ptr="fp32", topk_weights_ptr="fp32",
+                  du_ptr="fp32", dw_ptr="fp32"),
+             dict(IS_BWD=False, BLOCK_M=cfgs.shrink.BLOCK_M, BLOCK_K=cfgs.shrink.BLOCK_K,
+                  BLOCK_R=br, BLOCK_NE=ne)),
+            ("shrink_bwd", K.lora_shrink_kernel, cfgs.shrink,
+             dict(x_ptr="bf16", w_ptr="bf16", u_ptr="fp32", topk_weights_ptr="fp32",
+                  du_ptr="fp32", dw_ptr="fp32"),
+             dict(IS_BWD=True, BLOCK_M=cfgs.shrink.BLOCK_M, BLOCK_K=cfgs.shrink.BLOCK_K,
+                  BLOCK_R=br, BLOCK_NE=ne)),
+            ("expand_fwd", K.lora_expand_kernel, cfgs.expand,
+             dict(v_ptr="fp32", w_ptr="bf16", topk_weights_ptr="fp32", out_ptr="bf16"),
+             dict(HAS_WEIGHT=True, BLOCK_M=cfgs.expand.BLOCK_M, BLOCK_N=cfgs.expand.BLOCK_N,
+                  BLOCK_R=br, BLOCK_NE=ne)),
+            ("expand_dx", K.lora_expand_kernel, cfgs.expand,
+             dict(v_ptr="fp32", w_ptr="bf16", topk_weights_ptr="fp32", out_ptr="bf16"),
+             dict(HAS_WEIGHT=False, BLOCK_M=cfgs.expand.BLOCK_M, BLOCK_N=cfgs.expand.BLOCK_N,
+                  BLOCK_R=br, BLOCK_NE=ne)),
+            ("combine", K.lora_combine_kernel, cfgs.combine,
+             dict(out_ptr="bf16", topk_ids_ptr="i32", y_ptr="bf16"),
+             dict(BLOCK_T=cfgs.combine.BLOCK_M, BLOCK_N=cfgs.combine.BLOCK_N)),
+            ("wgrad_dB", K.lora_wgrad_kernel, cfgs.wgrad,
+             dict(l_ptr="bf16", v_ptr="fp32", topk_weights_ptr="fp32", dw_ptr="bf16"),
+             dict(HAS_WEIGHT=True, BLOCK_M=cfgs.wgrad.BLOCK_M, BLOCK_N=cfgs.wgrad.BLOCK_N,
+                  BLOCK_R=br)),
+            ("wgrad_dA", K.lora_wgrad_kernel, cfgs.wgrad,
+             dict(l_ptr="bf16", v_ptr="fp32", topk_weights_ptr="fp32", dw_ptr="bf16"),
+             dict(HAS_WEIGHT=False, BLOCK_M=cfgs.wgrad.BLOCK_M, BLOCK_N=cfgs.wgrad.BLOCK_N,
+                  BLOCK_R=br)),
+        ]
+        for name, kernel, cfg, ptr_types, constexprs in variants:
+            if name == "combine" and rank != ranks[0]:
+                continue   # rank-independent
+            params = inspect.signature(kernel.fn).parameters
+            constexprs = {**{c: v for c, v in common.items() if c in params}, **constexprs}
+            signature = {}
+            for arg in params:
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg.endswith("_ptr"):
+                    signature[arg] = "*" + ptr_types.get(arg, "i32")   # slots/offsets: int32
+                else:
+                    signature[arg] = "fp32" if arg in fp_args else "i32"
+            for arch in archs:
+                compiled = triton.compile(
+                    ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                    target=GPUTarget("cuda", arch, 32),
+                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                )
+                ptx = compiled.asm["ptx"]
+                results.append((name, arch, rank, compiled.metadata.shared,
+                                "mma" in ptx))
+    return results
+
+
+def test_aot_compile_sm80_sm90():
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import sys, json; sys.path.insert(0, %r); import test_lora; "
+        "print('RESULT', json.dumps(test_lora._aot_compile_all()))" % tests_dir
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(tests_dir))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    results = json.loads(line[len("RESULT "):])
+    shared_limit = {80: 163 * 1024, 90: 227 * 1024}
+    seen = set()
+    for name, arch, rank, shared, has_mma in results:
+        seen.add((name, arch))
+        assert shared <= shared_limit[arch], (name, arch, rank, shared)
+        if name != "combine":
+            assert has_mma, f"{name} sm_{arch} rank {rank}: no tensor-core mma in the PTX"
+    kernels = {"shrink_fwd", "shrink_bwd", "expand_fwd", "expand_dx", "combine", "wgrad_dB",
+               "wgrad_dA"}
+    assert seen == {(k, a) for k in kernels for a in AOT_ARCHS}
