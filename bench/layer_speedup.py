@@ -1,0 +1,277 @@
+"""Wall-clock speedup of one AdaMoE layer over top-2 at controlled loads.
+
+One Mixtral-shaped MoE layer (n = 8 true experts; router ``nn.Linear`` + ``ak.route`` +
+``ak.moe_mlp``), timed forward (inference, no grad) and forward+backward. The baseline is top-2
+(m = 0, k = 2, load L = 2); the AdaMoE settings of the paper (m8k3, m16k4) are timed at target
+loads L by adding a scalar bias to the null-expert logits, found by bisection on the routing's load
+over the timed batch before timing (the load actually reached is reported). Figure of merit:
+``speedup = t(top-2) / t(AdaMoE at L)``, against the ideal ``2 / L`` (time proportional to FLOPs).
+The torch reference (a per-expert Python loop, like HF eager) is timed at the same routing.
+
+    python bench/layer_speedup.py --quick           # < 2 min on a 2-core CPU
+    python bench/layer_speedup.py                   # full sweep (Mixtral shapes on a GPU)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from common import ak  # noqa: E402
+
+SCRIPT = "layer_speedup"
+NUM_EXPERTS = 8
+
+# (name, H, I): Mixtral-8x7B and a scaled copy on a GPU; CPU-sized layers otherwise.
+GPU_SHAPES = [("mixtral-8x7b", 4096, 14336), ("mixtral-half", 2048, 7168)]
+GPU_QUICK_SHAPES = [("mixtral-half", 2048, 7168)]
+CPU_SHAPES = [("cpu", 1024, 2816)]
+CPU_QUICK_SHAPES = [("cpu-quick", 512, 1408)]
+GPU_TOKENS, GPU_QUICK_TOKENS = [512, 4096, 16384], [4096]
+CPU_TOKENS, CPU_QUICK_TOKENS = [512], [256]
+
+
+def parse_args(argv=None):
+    p = common.make_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=None, help="H (with --intermediate: one custom shape)")
+    p.add_argument("--intermediate", type=int, default=None, help="I")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="T values")
+    p.add_argument("--loads", type=float, nargs="+", default=list(common.PAPER_LOADS),
+                   help="target loads L for the AdaMoE settings")
+    p.add_argument("--configs", nargs="+", default=[c[0] for c in common.ADAMOE_CONFIGS],
+                   choices=[c[0] for c in common.ADAMOE_CONFIGS], help="AdaMoE settings")
+    p.add_argument("--no-backward", action="store_true", help="time the forward only")
+    p.add_argument("--no-reference", action="store_true", help="skip the torch-reference timings")
+    return p.parse_args(argv)
+
+
+def shapes(args, device):
+    if args.hidden or args.intermediate:
+        if not (args.hidden and args.intermediate):
+            raise SystemExit("--hidden and --intermediate go together")
+        return [("custom", args.hidden, args.intermediate)]
+    if device.type == "cuda":
+        return GPU_QUICK_SHAPES if args.quick else GPU_SHAPES
+    return CPU_QUICK_SHAPES if args.quick else CPU_SHAPES
+
+
+def token_counts(args, device):
+    if args.tokens:
+        return args.tokens
+    if device.type == "cuda":
+        return GPU_QUICK_TOKENS if args.quick else GPU_TOKENS
+    return CPU_QUICK_TOKENS if args.quick else CPU_TOKENS
+
+
+@dataclass
+class Problem:
+    """One layer's tensors, shared by every setting of a (shape, T) group.
+
+    The router of a setting with m null experts is ``router[:n+m]`` (sliced inside the timed
+    call, so one leaf collects every setting's gradient). All four are leaves that require grad;
+    forward timings run under ``torch.no_grad()``. Gradients are reset before every timed call.
+    """
+
+    x: torch.Tensor            # [T, H]
+    router: torch.Tensor       # [n + max m, H]
+    gate_up: torch.Tensor      # [n, 2I, H]
+    down: torch.Tensor         # [n, H, I]
+    dy: torch.Tensor           # [T, H]
+
+    @classmethod
+    def make(cls, T, H, I, n, max_null, dtype, device):
+        kw = dict(dtype=dtype, device=device)
+        return cls(x=torch.randn(T, H, **kw).requires_grad_(),
+                   router=(torch.randn(n + max_null, H, **kw) / H ** 0.5).requires_grad_(),
+                   gate_up=(torch.randn(n, 2 * I, H, **kw) / H ** 0.5).requires_grad_(),
+                   down=(torch.randn(n, H, I, **kw) / I ** 0.5).requires_grad_(),
+                   dy=torch.randn(T, H, **kw))
+
+    @property
+    def leaves(self):
+        return [self.x, self.router, self.gate_up, self.down]
+
+
+def moe_layer(prob, m, null_bias, k, backend):
+    """Router (linear, fp32 logits, + the null bias) -> ``ak.route`` -> ``ak.moe_mlp``."""
+    logits = F.linear(prob.x, prob.router[: NUM_EXPERTS + m]).float()
+    if null_bias is not None:
+        logits = logits + null_bias
+    r = ak.route(logits, k, NUM_EXPERTS, backend=backend)
+    return ak.moe_mlp(prob.x, prob.gate_up, prob.down, r, backend=backend)
+
+
+def layer_fns(prob, m, k, null_bias, backend):
+    """``{"fwd": fn, "fwdbwd": fn}`` of the layer at one routing."""
+    def fwd():
+        with torch.no_grad():
+            moe_layer(prob, m, null_bias, k, backend)
+
+    def fwdbwd():
+        moe_layer(prob, m, null_bias, k, backend).backward(prob.dy)
+
+    return {"fwd": fwd, "fwdbwd": fwdbwd}
+
+
+def calibrate(prob, m, k, target, backend, tol):
+    """The null bias that makes this batch's load hit ``target`` (bisection on ``ak.route``)."""
+    with torch.no_grad():
+        logits = F.linear(prob.x, prob.router[: NUM_EXPERTS + m]).float()
+    return common.calibrate_null_bias(
+        lambda b: common.routing_load(logits, k, NUM_EXPERTS, m, b, backend=backend), target, tol=tol)
+
+
+def run(args):
+    device = common.resolve_device(args.device)
+    dtype = common.DTYPES[args.dtype]
+    backend = common.resolve_bench_backend(args.backend, device)
+    common.apply_threads(args, device)
+    common.seed_all(args.seed)
+    warmup = args.warmup if args.warmup is not None else 1
+    reps = common.reps_for(args, device, quick_default=5, full_default=10)
+    settings = [(*common.TOP2, 2.0)] + [(label, m, k, L) for label, m, k in common.ADAMOE_CONFIGS
+                                        if label in args.configs for L in args.loads]
+    max_null = max(m for _, m, _, _ in settings)
+    modes = ["fwd"] if args.no_backward else ["fwd", "fwdbwd"]
+    backends = [backend] + ([] if args.no_reference or backend == "torch" else ["torch"])
+    groups = [(shape, T) for shape in shapes(args, device) for T in token_counts(args, device)]
+    n_fns = len(settings) * len(backends)
+    bar = common.progress_bar(
+        len(groups) * (len(settings) + len(modes) * common.bench_rounds(n_fns, device, warmup, reps)),
+        desc=SCRIPT, disable=args.no_progress)
+
+    rows = []
+    for (name, H, I), T in groups:
+        prob = Problem.make(T, H, I, NUM_EXPERTS, max_null, dtype, device)
+        tol = common.load_tolerance(T)
+        group = []
+        for label, m, k, target in settings:  # calibrate every setting before timing any
+            if m == 0:
+                cal = {"bias": None, "load": float(min(k, NUM_EXPERTS)), "target": target,
+                       "iterations": 0, "hit": True}
+            else:
+                cal = calibrate(prob, m, k, target, backend, tol)
+            null_bias = None if m == 0 else common.null_bias_vector(NUM_EXPERTS, m, cal["bias"], device)
+            fns = {be: layer_fns(prob, m, k, null_bias, be) for be in backends}
+            group.append(({"shape": name, "H": H, "I": I, "n": NUM_EXPERTS, "T": T, "config": label,
+                           "m": m, "k": k, "load_target": target, "load": cal["load"],
+                           "null_bias": cal["bias"], "calibration_hit": cal["hit"],
+                           "calibration_iterations": cal["iterations"],
+                           "true_assignments": round(cal["load"] * T)}, fns))
+            bar.update()
+        for mode in modes:  # all settings (and the reference) interleaved, per mode
+            todo = {(i, be): (fns[be][mode], prob.leaves) for i, (_, fns) in enumerate(group)
+                    for be in backends}
+            timings = common.bench_many(todo, device, warmup=warmup, reps=reps, on_round=bar.update)
+            for (i, be), t in timings.items():
+                pre = "" if be == backend else "ref_"
+                group[i][0][f"{pre}{mode}_ms"] = t["ms"]
+                if not pre:
+                    group[i][0][f"{mode}_timing"] = t
+        for row, _ in group:
+            if backend == "torch":
+                for mode in modes:
+                    row[f"ref_{mode}_ms"] = row[f"{mode}_ms"]
+            row["fwd_tflops"] = common.moe_flops(row["true_assignments"], H, I) / row["fwd_ms"] / 1e9
+            rows.append(row)
+        del prob, group
+    bar.close()
+    add_speedups(rows)
+    return device, dtype, backend, rows
+
+
+def add_speedups(rows):
+    """speedup = t(top-2) / t(setting) within each (shape, T); ideal = 2 / L."""
+    base = {(r["shape"], r["T"]): r for r in rows if r["config"] == "top2"}
+    for r in rows:
+        b = base[(r["shape"], r["T"])]
+        r["ideal_speedup"] = 2.0 / r["load"] if r["load"] > 0 else None
+        for mode in ("fwd", "fwdbwd"):
+            for pre in ("", "ref_"):
+                key = f"{pre}{mode}_ms"
+                if key in r and key in b:
+                    r[f"{pre}speedup_{mode}"] = b[key] / r[key]
+
+
+TABLE_COLUMNS = [("shape", "shape"), ("T", "T"), ("config", "config"), ("load_target", "L target"),
+                 ("load", "L reached"), ("ideal_speedup", "ideal 2/L"), ("fwd_ms", "fwd ms"),
+                 ("speedup_fwd", "speedup fwd"), ("fwdbwd_ms", "fwd+bwd ms"),
+                 ("speedup_fwdbwd", "speedup fwd+bwd"), ("ref_fwd_ms", "torch ref fwd ms"),
+                 ("ref_speedup_fwd", "torch ref speedup fwd")]
+
+
+def plot(rows, meta, path):
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    groups = sorted({(r["shape"], r["T"]) for r in rows}, key=lambda g: (g[0], g[1]))
+    modes = [m for m in ("fwd", "fwdbwd") if any(f"speedup_{m}" in r for r in rows)]
+    fig, axes = plt.subplots(len(groups), len(modes), figsize=(5.2 * len(modes), 4 * len(groups)),
+                             squeeze=False)
+    loads = [0.2 + 0.02 * i for i in range(96)]
+    for gi, (shape, T) in enumerate(groups):
+        for mi, mode in enumerate(modes):
+            ax = axes[gi][mi]
+            ax.plot(loads, [2 / L for L in loads], "k:", label="ideal 2/L")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            for ci, (label, _, _) in enumerate(common.ADAMOE_CONFIGS):
+                sel = sorted((r for r in rows if r["shape"] == shape and r["T"] == T
+                              and r["config"] == label), key=lambda r: r["load"])
+                if not sel:
+                    continue
+                color = f"C{ci}"
+                ax.plot([r["load"] for r in sel], [r.get(f"speedup_{mode}") for r in sel], "o-",
+                        color=color, label=f"{label} ({meta['backend']})")
+                if any(f"ref_speedup_{mode}" in r for r in sel) and meta["backend"] != "torch":
+                    ax.plot([r["load"] for r in sel], [r.get(f"ref_speedup_{mode}") for r in sel],
+                            "x--", color=color, alpha=0.5, label=f"{label} (torch ref)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks([0.25, 0.5, 1.0, 1.66, 2.0], ["0.25", "0.5", "1", "1.66", "2"])
+            top = max([8.0] + [r.get(f"speedup_{mode}") or 0 for r in rows])
+            ticks = [2 ** i for i in range(int(math.log2(top)) + 2)]
+            ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel("load L (mean true experts per token)")
+            ax.set_ylabel("speedup over top-2")
+            ax.set_title(f"{shape} T={T} {'forward' if mode == 'fwd' else 'forward+backward'}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"AdaMoE layer speedup vs top-2 — {meta['device_name']}, {meta['dtype']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype, backend, rows = run(args)
+    meta = common.environment(device, dtype, backend)
+    meta.update(script=SCRIPT, quick=args.quick, num_experts=NUM_EXPERTS,
+                shapes=[{"name": s, "H": H, "I": I} for s, H, I in shapes(args, device)],
+                tokens=token_counts(args, device), loads=args.loads,
+                settings=[{"config": c, "m": m, "k": k} for c, m, k in common.ADAMOE_CONFIGS
+                          if c in args.configs],
+                layer="router linear (fp32 logits + null bias) -> ak.route -> ak.moe_mlp",
+                reference="ak backend 'torch' (per-expert Python loop over torch ops, like HF eager)")
+    out = common.output_dir(args, device)
+    stem = common.result_stem(SCRIPT, args.quick)
+    path = common.write_results(out, stem, meta, rows)
+    png = None if args.no_plot else plot(rows, meta, out / f"{stem}.png")
+    print(f"\n{meta['device_name']} | backend {backend} | {meta['dtype']} | torch {meta['torch']}\n")
+    print(common.markdown_table(rows, TABLE_COLUMNS))
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return {"json": path, "png": png, "meta": meta, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Regenerate the README's benchmark tables from ``bench/results/*/*.json``.
+
+Writes between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md and touches nothing
+else; when the markers are missing (or with ``--stdout``) it prints the tables instead. Every number
+comes from the JSON files; for each device the full run is used when there is one, else the quick run.
+
+    python bench/make_readme_table.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def load_results(results_dir: Path) -> dict:
+    """``{device_dir: {name: payload}}``, the full run preferred over the quick one.
+
+    ``name`` is the file's stem without ``_quick`` (``layer_speedup``, ``finetune_step_frozen_experts``).
+    """
+    found: dict = {}
+    for path in sorted(Path(results_dir).glob("*/*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        meta = payload.get("meta", {})
+        if not meta.get("script") or "rows" not in payload:
+            continue
+        script = path.stem.removesuffix("_quick")
+        payload["_file"] = path
+        slot = found.setdefault(path.parent.name, {})
+        have = slot.get(script)
+        if have is None or (have["meta"].get("quick") and not meta.get("quick")):
+            slot[script] = payload
+    return found
+
+
+def _x(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}×"
+
+
+def _f(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _source(payload, repo_root: Path) -> str:
+    m = payload["meta"]
+    try:
+        rel = payload["_file"].relative_to(repo_root)
+    except ValueError:
+        rel = payload["_file"].name
+    bits = [f"backend `{m.get('backend')}`", m.get("dtype"), f"torch {m.get('torch')}"]
+    if m.get("triton"):
+        bits.append(f"triton {m['triton']}")
+    if m.get("cpu_threads"):
+        bits.append(f"{m['cpu_threads']} CPU thread{'s' if m['cpu_threads'] > 1 else ''}")
+    if m.get("git_commit"):
+        bits.append(f"commit {m['git_commit']}")
+    if m.get("quick"):
+        bits.append("`--quick`")
+    bits.append(str(m.get("timestamp", ""))[:10])
+    return f"{', '.join(b for b in bits if b)} ([`{rel}`]({rel}))"
+
+
+def layer_table(payload) -> list[str]:
+    rows = payload["rows"]
+    configs = [c for c in ("m8k3", "m16k4") if any(r["config"] == c for r in rows)]
+    has_bwd = any("speedup_fwdbwd" in r for r in rows)
+    out = []
+    for shape, T in sorted({(r["shape"], r["T"]) for r in rows}, key=lambda g: (g[0], g[1])):
+        group = [r for r in rows if r["shape"] == shape and r["T"] == T]
+        base = next((r for r in group if r["config"] == "top2"), None)
+        if base is None:
+            continue
+        times = f"top-2: {_f(base.get('fwd_ms'))} ms fwd" + (
+            f", {_f(base.get('fwdbwd_ms'))} ms fwd+bwd" if has_bwd else "")
+        out.append(f"*{shape}* (H={base['H']}, I={base['I']}, n={base['n']}), T={T}; {times}.")
+        out.append("")
+        head = ["L target", "ideal 2/L"]
+        for c in configs:
+            head += [f"{c} L", f"{c} fwd"] + ([f"{c} fwd+bwd"] if has_bwd else [])
+        out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for target in sorted({r["load_target"] for r in group if r["config"] != "top2"}, reverse=True):
+            cells = [f"{target:g}", _x(2.0 / target)]
+            for c in configs:
+                r = next((r for r in group if r["config"] == c and r["load_target"] == target), None)
+                if r is None:
+                    cells += ["-", "-"] + (["-"] if has_bwd else [])
+                    continue
+                cells += [_f(r["load"]), _x(r.get("speedup_fwd"))]
+                if has_bwd:
+                    cells.append(_x(r.get("speedup_fwdbwd")))
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def kernels_table(payload) -> list[str]:
+    rows = payload["rows"]
+    out = []
+    route = [r for r in rows if r["part"] == "route"]
+    if route:
+        out += ["| routing: T | config | `ak.route` µs | torch ops µs | speedup |",
+                "| --- | --- | --- | --- | --- |"]
+        out += [f"| {r['T']} | {r['config']} | {_f(r['adamoe_us'], 0)} | {_f(r['torch_us'], 0)} | "
+                f"{_x(r['speedup'])} |" for r in route]
+        out.append("")
+    gemm = [r for r in rows if r["part"] == "gemm"]
+    if gemm:
+        g0 = gemm[0]
+        out.append(f"Expert MLP, H={g0['H']}, I={g0['I']}, T={g0['T']}, TFLOP/s of the true "
+                   "assignments (fwd / fwd+bwd):")
+        out.append("")
+        settings = sorted({(r["config"], r["load_target"]) for r in gemm}, key=lambda s: -s[1])
+        head = ["impl"] + [f"{c} L={t:g}" for c, t in settings]
+        out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for impl in dict.fromkeys(r["impl"] for r in gemm):
+            cells = [impl]
+            for c, t in settings:
+                r = next((r for r in gemm if r["impl"] == impl and r["config"] == c
+                          and r["load_target"] == t), None)
+                if r is None or "fwd_tflops" not in r:
+                    cells.append("skipped")
+                else:
+                    cells.append(f"{_f(r['fwd_tflops'], 3)} / {_f(r.get('fwdbwd_tflops'), 3)}")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    sync = payload.get("sync_check")
+    if sync and sync.get("checked"):
+        out.append(f"Host-sync check (`set_sync_debug_mode(\"error\")`): "
+                   f"{'no host sync' if not sync.get('host_sync') else 'SYNC: ' + sync.get('message', '')}.")
+        out.append("")
+    return out
+
+
+def finetune_table(payload) -> list[str]:
+    m = payload["meta"]
+    s = m.get("sizes", {})
+    model = str(m.get("model", "")).replace(" (random init)", "")
+    out = [f"{model}, {s.get('layers')} layers, H={s.get('hidden')}, I={s.get('intermediate')}, "
+           f"{m.get('tokens_per_step')} tokens/step:", "",
+           "| setting | L | step ms | tokens/s | speedup vs top-2 |", "| --- | --- | --- | --- | --- |"]
+    for r in payload["rows"]:
+        out.append(f"| {r['config']} | {_f(r['load'])} | {_f(r['step_ms'], 1)} | {_f(r['tokens_per_s'], 0)} | "
+                   f"{_x(r.get('speedup'))} |")
+    out.append("")
+    return out
+
+
+def render(results: dict, repo_root: Path) -> str:
+    if not results:
+        return "_No results yet: run the scripts in `bench/`._\n"
+    lines = ["(generated by `python bench/make_readme_table.py` from `bench/results/*/*.json`; "
+             "speedup = t(top-2) / t(AdaMoE at load L), ideal 2/L; see `docs/benchmarks.md`)", ""]
+    for device, scripts in sorted(results.items()):
+        lines += [f"#### {device}", ""]
+        if "layer_speedup" in scripts:
+            p = scripts["layer_speedup"]
+            lines += [f"Layer speedup over top-2 — {_source(p, repo_root)}:", ""] + layer_table(p)
+        if "kernels" in scripts:
+            p = scripts["kernels"]
+            lines += [f"Kernels — {_source(p, repo_root)}:", ""] + kernels_table(p)
+        for name in sorted(k for k in scripts if k.startswith("finetune_step")):
+            p = scripts[name]
+            bits = []
+            if p["meta"].get("impl") == "convert_model" and "Mixtral" in str(p["meta"].get("model")):
+                bits.append("`ak.convert_model`")
+            if p["meta"].get("freeze_experts"):
+                bits.append("expert weights frozen")
+            what = f" ({', '.join(bits)})" if bits else ""
+            lines += [f"Training step{what} — {_source(p, repo_root)}:", ""] + finetune_table(p)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Replace the text between the markers; False (nothing written) when they are missing."""
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < 0 or j < i:
+        return False
+    new = text[: i + len(START)] + "\n" + table + text[j:]
+    if new != text:
+        readme.write_text(new)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(BENCH_DIR / "results"), help="results folder")
+    p.add_argument("--readme", default=str(BENCH_DIR.parent / "README.md"))
+    p.add_argument("--stdout", action="store_true", help="print the tables; do not edit the README")
+    args = p.parse_args(argv)
+    readme = Path(args.readme)
+    table = render(load_results(Path(args.results)), readme.resolve().parent)
+    if args.stdout or not update_readme(readme, table):
+        if not args.stdout:
+            print(f"{readme}: markers {START} / {END} not found; the tables:", file=sys.stderr)
+        print(table)
+        return table
+    print(f"updated {readme}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

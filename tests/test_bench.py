@@ -1,0 +1,145 @@
+"""Smoke tests of the benchmark scripts: each script's ``main`` on tiny shapes with the torch backend.
+
+They check the JSON layout the README generator relies on and that the load calibration reaches its
+target; they time nothing that matters (one repetition, no warmup).
+"""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+common = importlib.import_module("common")
+layer_speedup = importlib.import_module("layer_speedup")
+kernels = importlib.import_module("kernels")
+finetune_step = importlib.import_module("finetune_step")
+make_readme_table = importlib.import_module("make_readme_table")
+
+FAST = ["--device", "cpu", "--backend", "torch", "--dtype", "float32", "--reps", "1", "--warmup", "0",
+        "--no-progress"]
+META_KEYS = {"device_name", "device", "dtype", "backend", "torch", "triton", "numpy", "timestamp", "script"}
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The scripts set torch's (process-wide) thread count: give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _load(path):
+    payload = json.loads(Path(path).read_text())
+    assert META_KEYS <= payload["meta"].keys()
+    assert payload["rows"]
+    return payload
+
+
+@pytest.mark.parametrize("m,k", [(8, 3), (16, 4)])
+def test_calibration_hits_target(m, k):
+    n, T = 8, 512
+    logits = torch.randn(T, n + m)
+    tol = common.load_tolerance(T)
+    for target in common.PAPER_LOADS:
+        cal = common.calibrate_null_bias(
+            lambda b: common.routing_load(logits, k, n, m, b, backend="torch"), target, tol=tol)
+        assert cal["hit"], cal
+        assert abs(cal["load"] - target) <= tol
+        # the bias really produces that load
+        assert common.routing_load(logits, k, n, m, cal["bias"]) == pytest.approx(cal["load"])
+
+
+def test_device_name_is_a_slug():
+    name = common.device_name(torch.device("cpu"))
+    assert name.startswith("cpu-") and name == common.slugify(name)
+
+
+def test_layer_speedup(tmp_path):
+    res = layer_speedup.main(FAST + ["--hidden", "32", "--intermediate", "64", "--tokens", "128",
+                                     "--loads", "1.0", "0.5", "--out", str(tmp_path)])
+    payload = _load(res["json"])
+    rows = payload["rows"]
+    assert [r["config"] for r in rows] == ["top2", "m8k3", "m8k3", "m16k4", "m16k4"]
+    for r in rows:
+        for key in ("load", "load_target", "fwd_ms", "fwdbwd_ms", "speedup_fwd", "speedup_fwdbwd",
+                    "ideal_speedup", "ref_fwd_ms", "calibration_hit", "T", "H", "I"):
+            assert key in r, key
+        assert r["calibration_hit"]
+        assert abs(r["load"] - r["load_target"]) <= common.load_tolerance(r["T"])
+    assert Path(res["png"]).exists()
+
+
+def test_kernels(tmp_path):
+    res = kernels.main(FAST + ["--hidden", "32", "--intermediate", "64", "--tokens", "64",
+                               "--route-tokens", "256", "--loads", "1.0", "--out", str(tmp_path)])
+    payload = _load(res["json"])
+    assert payload["sync_check"]["checked"] is False  # CPU
+    route = [r for r in payload["rows"] if r["part"] == "route"]
+    gemm = [r for r in payload["rows"] if r["part"] == "gemm"]
+    assert {r["config"] for r in route} == {"top2", "m8k3", "m16k4"}
+    assert {r["impl"] for r in gemm} == set(kernels.IMPLS)
+    for r in gemm:
+        if "skipped" in r:
+            continue
+        assert r["fwd_tflops"] > 0 and r["fwdbwd_tflops"] > 0
+        if r["impl"] != "dense_mm":  # every implementation computes the same layer
+            assert r["max_abs_diff_vs_reference"] < 1e-4, r
+    assert Path(res["png"]).exists()
+
+
+def test_finetune_step(tmp_path):
+    res = finetune_step.main(FAST + ["--hidden", "32", "--intermediate", "64", "--layers", "2",
+                                     "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--batch", "1",
+                                     "--seq", "32", "--configs", "m8k3", "--loads", "1.0",
+                                     "--out", str(tmp_path)])
+    rows = _load(res["json"])["rows"]
+    assert [r["config"] for r in rows] == ["top2-hf", "top2", "m8k3"]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["speedup"] > 0
+    ada = rows[-1]
+    assert ada["calibration_hit"] and abs(ada["load"] - 1.0) <= 0.1
+
+
+@pytest.mark.parametrize("variant", [["--impl", "convert_model"], ["--model", "llama-molora"]])
+def test_finetune_step_package_models(tmp_path, variant):
+    """The step benchmark through ak.convert_model / ak.add_mo_lora and their load dial."""
+    needed = "convert_model" if "convert_model" in variant else "add_mo_lora"
+    if not hasattr(finetune_step.ak, needed):
+        pytest.skip(f"ak.{needed} is not available")
+    configs = ["m8k3"] if needed == "convert_model" else ["m5k2"]
+    res = finetune_step.main(FAST + variant + ["--hidden", "32", "--intermediate", "64", "--layers", "1",
+                                               "--heads", "2", "--kv-heads", "1", "--vocab", "64",
+                                               "--batch", "1", "--seq", "32", "--configs", *configs,
+                                               "--loads", "1.0", "--no-hf-baseline", "--no-plot",
+                                               "--out", str(tmp_path)])
+    rows = _load(res["json"])["rows"]
+    assert [r["config"] for r in rows] == ["top2", *configs]
+    assert abs(rows[-1]["load"] - 1.0) <= 0.1
+
+
+def test_make_readme_table(tmp_path, capsys):
+    res = layer_speedup.main(FAST + ["--hidden", "32", "--intermediate", "64", "--tokens", "64",
+                                     "--loads", "1.0", "--no-backward", "--no-reference", "--no-plot",
+                                     "--out", str(tmp_path / "results" / "cpu-test")])
+    rows = res["rows"]
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n")
+    make_readme_table.main(["--results", str(tmp_path / "results"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\nafter\n")
+    assert "old" not in text and "cpu-test" in text
+    m8k3 = next(r for r in rows if r["config"] == "m8k3")
+    assert f"{m8k3['speedup_fwd']:.2f}×" in text  # numbers come from the JSON
+    # no markers: the README is left alone and the tables go to stdout
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("nothing here\n")
+    capsys.readouterr()
+    make_readme_table.main(["--results", str(tmp_path / "results"), "--readme", str(plain)])
+    assert plain.read_text() == "nothing here\n"
+    assert "cpu-test" in capsys.readouterr().out
