@@ -10,8 +10,10 @@ Public API (names fixed by DESIGN.md)::
 from . import reference
 from . import distributed
 from ._backend import BACKENDS, resolve_backend
+from .integrations import add_mo_lora, convert_model, expert_load, from_pretrained
 from .lora import moe_lora
 from .losses import AlphaSchedule, null_aware_aux_loss
+from .modules import AdaMoEBlock, AdaMoELoRALinear
 from .moe import moe_mlp
 from .routing import Routing, route
 
@@ -19,8 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "AdaMoEBlock",
+    "AdaMoELoRALinear",
     "AlphaSchedule",
     "Routing",
+    "add_mo_lora",
+    "convert_model",
+    "expert_load",
+    "from_pretrained",
     "moe_lora",
     "moe_mlp",
     "null_aware_aux_loss",
