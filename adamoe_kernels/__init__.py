@@ -11,6 +11,7 @@ from . import reference
 from . import distributed
 from ._backend import BACKENDS, resolve_backend
 from .integrations import add_mo_lora, convert_model, expert_load, from_pretrained
+from .load_control import LoadController, set_target_load
 from .lora import moe_lora
 from .losses import AlphaSchedule, null_aware_aux_loss
 from .modules import AdaMoEBlock, AdaMoELoRALinear
@@ -24,6 +25,7 @@ __all__ = [
     "AdaMoEBlock",
     "AdaMoELoRALinear",
     "AlphaSchedule",
+    "LoadController",
     "Routing",
     "add_mo_lora",
     "convert_model",
@@ -35,4 +37,5 @@ __all__ = [
     "reference",
     "resolve_backend",
     "route",
+    "set_target_load",
 ]
