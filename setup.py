@@ -23,7 +23,7 @@ if os.environ.get("ADAMOE_NO_EXT", "0") != "1":
                 name="adamoe_kernels._C",
                 sources=sources,
                 include_dirs=[os.path.abspath("csrc")],
-                extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+                extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-fno-math-errno", "-fno-trapping-math"],
                 extra_link_args=["-fopenmp"],
             )
         ]

@@ -1,0 +1,132 @@
+"""Autograd and fake (meta) registration of the C++ CPU kernels (``adamoe_kernels._C``).
+
+The C++ extension defines four ops (``python_bindings/bindings.cpp``):
+
+* ``adamoe::route_cpu(router_logits, top_k, num_experts, normalize)
+  -> (topk_ids, topk_weights, expert_counts, expert_offsets, sorted_slots)``
+* ``adamoe::route_backward_cpu(grad_topk_weights, router_logits, topk_ids, num_experts, normalize)
+  -> grad_router_logits``
+* ``adamoe::moe_mlp_forward_cpu(hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
+  sorted_slots, expert_offsets, null_kind) -> (y, gate_up_out)``; ``gate_up_out [A, 2I]`` (``A`` =
+  number of true assignments) is the only activation saved for the backward.
+* ``adamoe::moe_mlp_backward_cpu(grad_y, hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
+  sorted_slots, expert_offsets, gate_up_out, null_kind, output_mask)
+  -> (grad_hidden, grad_gate_up_proj, grad_down_proj, grad_topk_weights)``
+
+This module gives the forward ops their autograd formulas (``torch.library.register_autograd``)
+and fake kernels, so they work under autograd and trace with ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (loads the library: registers torch.ops.adamoe.*_cpu)
+
+_ops = torch.ops.adamoe
+
+
+# ---- routing ----------------------------------------------------------------------------------
+
+@torch.library.register_fake("adamoe::route_cpu")
+def _route_fake(router_logits, top_k, num_experts, normalize):
+    T = router_logits.shape[0]
+    new = router_logits.new_empty
+    return (new((T, top_k), dtype=torch.int32), new((T, top_k), dtype=torch.float32),
+            new((num_experts,), dtype=torch.int32), new((num_experts + 1,), dtype=torch.int32),
+            new((T * top_k,), dtype=torch.int32))
+
+
+@torch.library.register_fake("adamoe::route_backward_cpu")
+def _route_backward_fake(grad_topk_weights, router_logits, topk_ids, num_experts, normalize):
+    return torch.empty_like(router_logits, memory_format=torch.contiguous_format)
+
+
+def _route_setup_context(ctx, inputs, output):
+    router_logits, _, num_experts, normalize = inputs
+    ctx.save_for_backward(router_logits, output[0])  # logits (softmax is recomputed), topk_ids
+    ctx.num_experts, ctx.normalize = num_experts, normalize
+
+
+def _route_backward(ctx, g_ids, g_weights, g_counts, g_offsets, g_slots):
+    router_logits, ids = ctx.saved_tensors
+    if g_weights is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    grad = _ops.route_backward_cpu(g_weights, router_logits, ids, ctx.num_experts, ctx.normalize)
+    return grad, None, None, None
+
+
+torch.library.register_autograd("adamoe::route_cpu", _route_backward,
+                                setup_context=_route_setup_context)
+
+
+def route_cpu(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: str):
+    """Fused CPU routing (softmax, top-k, null drop, normalisation, counting sort).
+
+    Returns ``(topk_ids int32 [T, k], topk_weights float32 [T, k], expert_counts int32 [n],
+    expert_offsets int32 [n+1], sorted_slots int32 [T*k])``; ``topk_weights`` is differentiable
+    w.r.t. ``router_logits``.
+    """
+    return _ops.route_cpu(router_logits, top_k, num_experts, normalize)
+
+
+# ---- grouped expert MLP -------------------------------------------------------------------------
+
+@torch.library.register_fake("adamoe::moe_mlp_forward_cpu")
+def _moe_mlp_forward_fake(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, sorted_slots,
+                          expert_offsets, null_kind):
+    num_true = torch.library.get_ctx().new_dynamic_size()  # expert_offsets[n], data dependent
+    y = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    return y, hidden.new_empty((num_true, gate_up_proj.shape[1]))
+
+
+@torch.library.register_fake("adamoe::moe_mlp_backward_cpu")
+def _moe_mlp_backward_fake(grad_y, hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
+                           sorted_slots, expert_offsets, gate_up_out, null_kind, output_mask):
+    def maybe(mask, like, **kw):
+        if mask:
+            return torch.empty_like(like, memory_format=torch.contiguous_format, **kw)
+        return like.new_empty((0,))
+
+    return (maybe(output_mask[0], hidden), maybe(output_mask[1], gate_up_proj),
+            maybe(output_mask[2], down_proj), maybe(output_mask[3], topk_weights))
+
+
+def _moe_setup_context(ctx, inputs, output):
+    hidden, gate_up, down, ids, weights, slots, offsets, null_kind = inputs
+    # Saved: the inputs (no copies) and the compact [A, 2I] pre-activations; nothing [T*k, ...].
+    ctx.save_for_backward(hidden, gate_up, down, ids, weights, slots, offsets, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.null_kind = null_kind
+
+
+def _moe_backward(ctx, grad_y, _grad_gate_up_out):
+    hidden, gate_up, down, ids, weights, slots, offsets, gate_up_out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1]), bool(need[2]), bool(need[4])]
+    if grad_y is None or not any(mask):
+        return (None,) * 8
+    d_hidden, d_gate_up, d_down, d_weights = _ops.moe_mlp_backward_cpu(
+        grad_y, hidden, gate_up, down, ids, weights, slots, offsets, gate_up_out, ctx.null_kind,
+        mask)
+    return (d_hidden if mask[0] else None, d_gate_up if mask[1] else None,
+            d_down if mask[2] else None, None, d_weights if mask[3] else None, None, None, None)
+
+
+torch.library.register_autograd("adamoe::moe_mlp_forward_cpu", _moe_backward,
+                                setup_context=_moe_setup_context)
+
+
+def moe_mlp_cpu(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                topk_ids: torch.Tensor, topk_weights: torch.Tensor, sorted_slots: torch.Tensor,
+                expert_offsets: torch.Tensor, null_kind: str) -> torch.Tensor:
+    """Grouped expert MLP over the true assignments only (C++ CPU kernels).
+
+    Shapes: hidden ``[T, H]``, gate_up_proj ``[n, 2I, H]``, down_proj ``[n, H, I]``, topk_ids and
+    topk_weights ``[T, k]``, sorted_slots ``[T*k]``, expert_offsets ``[n+1]`` (as ``route``
+    returns them). Returns ``y [T, H]`` in hidden's dtype, differentiable w.r.t. hidden, both
+    weights and topk_weights.
+    """
+    y, _ = _ops.moe_mlp_forward_cpu(hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
+                                    sorted_slots, expert_offsets, null_kind)
+    return y

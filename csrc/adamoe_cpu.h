@@ -1,0 +1,65 @@
+// adamoe_kernels C++ CPU backend: fused routing + counting sort, grouped expert MLP (forward and
+// backward) over the compacted true assignments only. Semantics: shared/DESIGN.md; oracle:
+// adamoe_kernels/reference.py. Registered as torch.ops.adamoe.*_cpu by
+// python_bindings/bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+
+// Dispatch over the three supported floating dtypes (float32, float16, bfloat16).
+#define ADAMOE_DISPATCH_FLOAT(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace adamoe {
+
+enum class Normalize { kTrue, kAll, kNone };
+enum class NullKind { kZero, kIdentity };
+
+Normalize parse_normalize(const std::string& s);
+NullKind parse_null_kind(const std::string& s);
+
+// ---- routing.cpp ---------------------------------------------------------------------------
+
+// router_logits [T, n+m] (fp32/fp16/bf16) ->
+//   topk_ids int32 [T, k], topk_weights float32 [T, k], expert_counts int32 [n],
+//   expert_offsets int32 [n+1], sorted_slots int32 [T*k] (true slots grouped by expert, in slot
+//   order; then the null slots in slot order).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& router_logits, int64_t top_k, int64_t num_experts,
+    const std::string& normalize);
+
+// d topk_weights [T, k] -> d router_logits [T, n+m] (router_logits' dtype). The softmax and the
+// normalisation are recomputed from the logits; only topk_ids is needed besides.
+at::Tensor route_backward_cpu(const at::Tensor& grad_topk_weights, const at::Tensor& router_logits,
+                              const at::Tensor& topk_ids, int64_t num_experts,
+                              const std::string& normalize);
+
+// ---- grouped_mlp.cpp -----------------------------------------------------------------------
+
+// Returns (y [T, H] hidden's dtype, gate_up_out [A, 2I] hidden's dtype) with A = expert_offsets[n]
+// (the number of true assignments). gate_up_out is an opaque buffer saved for the backward: rows
+// off_e..off_{e+1} hold expert e's pre-activation (x_rows @ gate_up_proj[e]^T) stored transposed,
+// as a contiguous [2I, r_e] block.
+std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
+    const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_slots,
+    const at::Tensor& expert_offsets, const std::string& null_kind);
+
+// Returns (grad_hidden [T, H], grad_gate_up_proj [n, 2I, H], grad_down_proj [n, H, I],
+// grad_topk_weights [T, k] topk_weights' dtype); an output whose output_mask entry is false is an
+// empty [0] tensor and costs nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
+    const at::Tensor& down_proj, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+    const at::Tensor& sorted_slots, const at::Tensor& expert_offsets,
+    const at::Tensor& gate_up_out, const std::string& null_kind, std::array<bool, 4> output_mask);
+
+}  // namespace adamoe

@@ -1,0 +1,383 @@
+// AVX-512 and portable versions of the hot fp32 loops declared in cpu_math.h.
+#include "cpu_math.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ADAMOE_X86_AVX512 1
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's own intrinsic headers trip these on masked loads / reductions (false positives).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <immintrin.h>
+#define ADAMOE_AVX512 __attribute__((target("avx512f")))
+#else
+#define ADAMOE_X86_AVX512 0
+#endif
+
+namespace adamoe {
+namespace cpu_math {
+
+namespace {
+
+// Small-M NT GEMM blocking: MR rows of A x NR rows of B per micro-kernel (MR*NR = 24 zmm
+// accumulators), K in chunks of KC (A and B chunks stay in L1/L2 while the m-blocks reuse the B
+// chunk); the next B block is prefetched into L2 while the current one is computed.
+constexpr int kGemmMR = 4;
+constexpr int kGemmNR = 6;
+constexpr int64_t kGemmKC = 1024;
+
+// Small-M NN GEMM blocking: MR rows of A x NRV 16-wide column vectors of B per micro-kernel
+// (24 zmm accumulators kept across a K chunk of KC rows of B, then added into C). A short K chunk
+// keeps the number of B row streams small enough for the hardware prefetcher.
+constexpr int kNnMR = 4;
+constexpr int kNnNRV = 6;
+constexpr int64_t kNnKC = 64;
+
+// exp for the scalar path: same Cephes polynomial as the vector path.
+inline float exp_scalar(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float fx = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - fx * 0.693359375f;
+  r = r + fx * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + (r + 1.f);
+  return std::ldexp(y, static_cast<int>(fx));
+}
+
+#if ADAMOE_X86_AVX512
+
+ADAMOE_AVX512 inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, fx);
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1u);
+}
+
+ADAMOE_AVX512 void silu_mul_avx512(const float* g, const float* u, float* h, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 num = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, u + i));
+    _mm512_mask_storeu_ps(h + i, m, _mm512_div_ps(num, _mm512_add_ps(one, e)));
+  }
+}
+
+ADAMOE_AVX512 float silu_mul_backward_avx512(const float* g, const float* u, const float* G,
+                                             float w, int64_t n, float* wh, float* dg,
+                                             float* du) {
+  const __m512 one = _mm512_set1_ps(1.f), vw = _mm512_set1_ps(w);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
+    const __m512 up = _mm512_maskz_loadu_ps(m, u + i);
+    const __m512 gr = _mm512_maskz_loadu_ps(m, G + i);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __m512 silu = _mm512_mul_ps(x, s);
+    const __m512 h = _mm512_mul_ps(silu, up);
+    const __m512 dh = _mm512_mul_ps(vw, gr);
+    acc = _mm512_fmadd_ps(gr, h, acc);
+    _mm512_mask_storeu_ps(wh + i, m, _mm512_mul_ps(vw, h));
+    _mm512_mask_storeu_ps(du + i, m, _mm512_mul_ps(dh, silu));
+    // silu'(x) = s (1 + x (1 - s)) = s + silu * e * s
+    const __m512 dsilu = _mm512_fmadd_ps(_mm512_mul_ps(silu, e), s, s);
+    _mm512_mask_storeu_ps(dg + i, m, _mm512_mul_ps(_mm512_mul_ps(dh, up), dsilu));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+ADAMOE_AVX512 void axpy_avx512(float* acc, float w, const float* x, int64_t n) {
+  const __m512 vw = _mm512_set1_ps(w);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 a = _mm512_maskz_loadu_ps(m, acc + i);
+    _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(vw, _mm512_maskz_loadu_ps(m, x + i), a));
+  }
+}
+
+ADAMOE_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// MR x NR block of C from one K chunk: 16-lane partial dot products, reduced at the end.
+// Prefetches pf_lines cache lines from pf (spread over the k-steps) into L2.
+template <int MR, int NR>
+ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nt_micro(
+    const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
+    bool accumulate, const char* pf, int64_t pf_step, const char* pf_end) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (pf < pf_end) {
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += pf_step;
+    }
+    __m512 a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = _mm512_loadu_ps(A + i * lda + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 b = _mm512_loadu_ps(B + j * ldb + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], b, acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = tail_mask(K - k);
+    __m512 a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = _mm512_maskz_loadu_ps(m, A + i * lda + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 b = _mm512_maskz_loadu_ps(m, B + j * ldb + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], b, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const float v = _mm512_reduce_add_ps(acc[i][j]);
+      C[i * ldc + j] = accumulate ? C[i * ldc + j] + v : v;
+    }
+  }
+}
+
+// All m-blocks of A against NR rows of B (one K chunk).
+template <int NR>
+ADAMOE_AVX512 void gemm_nt_column_block(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                        float* C, int64_t ldc, int64_t M, int64_t K,
+                                        bool accumulate, const char* pf, int64_t pf_bytes) {
+  const int64_t m_blocks = (M + kGemmMR - 1) / kGemmMR;
+  const int64_t k_steps = (K + 15) / 16;
+  // Spread the prefetch of the next block over all k-steps of all m-blocks.
+  const int64_t lines = (pf_bytes + 63) / 64;
+  const int64_t lines_per_step = (lines + m_blocks * k_steps - 1) / (m_blocks * k_steps);
+  const int64_t step = std::max<int64_t>(lines_per_step, 1) * 64;
+  const char* pf_end = pf ? pf + pf_bytes : nullptr;
+  for (int64_t mb = 0; mb < m_blocks; ++mb) {
+    const int64_t m = mb * kGemmMR;
+    const char* p = pf ? std::min(pf + mb * k_steps * step, pf_end) : nullptr;
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    switch (std::min<int64_t>(kGemmMR, M - m)) {
+      case 4: gemm_nt_micro<4, NR>(a, lda, B, ldb, c, ldc, K, accumulate, p, step, pf_end); break;
+      case 3: gemm_nt_micro<3, NR>(a, lda, B, ldb, c, ldc, K, accumulate, p, step, pf_end); break;
+      case 2: gemm_nt_micro<2, NR>(a, lda, B, ldb, c, ldc, K, accumulate, p, step, pf_end); break;
+      default: gemm_nt_micro<1, NR>(a, lda, B, ldb, c, ldc, K, accumulate, p, step, pf_end); break;
+    }
+  }
+}
+
+ADAMOE_AVX512 void gemm_nt_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                  float* C, int64_t ldc, int64_t M, int64_t N, int64_t K) {
+  const int64_t n_blocks = (N + kGemmNR - 1) / kGemmNR;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * kGemmNR, nr = std::min<int64_t>(kGemmNR, N - n);
+      for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
+        const int64_t kc = std::min(kGemmKC, K - k0);
+        // Prefetch the same K chunk of this thread's next column block.
+        const char* pf = nullptr;
+        int64_t pf_bytes = 0;
+        if (b + 1 < b1) {
+          const int64_t next_rows = std::min<int64_t>(kGemmNR, N - n - kGemmNR);
+          pf = reinterpret_cast<const char*>(B + (n + kGemmNR) * ldb + k0);
+          pf_bytes = ((next_rows - 1) * ldb + kc) * static_cast<int64_t>(sizeof(float));
+        }
+        const float* a = A + k0;
+        const float* bb = B + n * ldb + k0;
+        float* c = C + n;
+        const bool acc = k0 > 0;
+        const int64_t pfb = pf_bytes;
+        switch (nr) {
+          case 6: gemm_nt_column_block<6>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 5: gemm_nt_column_block<5>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 4: gemm_nt_column_block<4>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 3: gemm_nt_column_block<3>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 2: gemm_nt_column_block<2>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          default: gemm_nt_column_block<1>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+        }
+      }
+    }
+  });
+}
+
+// C[MR, 16*NRV] (+)= A[MR, K] @ B[K, 16*NRV] (broadcast A, FMA with B rows); the last column
+// vector is masked by `last`.
+template <int MR, int NRV>
+ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nn_micro(
+    const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
+    bool accumulate, __mmask16 last) {
+  const auto mask = [last](int j) { return j == NRV - 1 ? last : static_cast<__mmask16>(0xFFFF); };
+  __m512 acc[MR][NRV];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NRV; ++j) {
+      acc[i][j] = accumulate ? _mm512_maskz_loadu_ps(mask(j), C + i * ldc + 16 * j)
+                             : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NRV];
+    for (int j = 0; j < NRV; ++j) b[j] = _mm512_maskz_loadu_ps(mask(j), B + k * ldb + 16 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      for (int j = 0; j < NRV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NRV; ++j) _mm512_mask_storeu_ps(C + i * ldc + 16 * j, mask(j), acc[i][j]);
+  }
+}
+
+// All m-blocks of A against 16*NRV columns of B (one K chunk).
+template <int NRV>
+ADAMOE_AVX512 void gemm_nn_column_block(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                        float* C, int64_t ldc, int64_t M, int64_t K,
+                                        bool accumulate, __mmask16 last) {
+  for (int64_t m = 0; m < M; m += kNnMR) {
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    switch (std::min<int64_t>(kNnMR, M - m)) {
+      case 4: gemm_nn_micro<4, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last); break;
+      case 3: gemm_nn_micro<3, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last); break;
+      case 2: gemm_nn_micro<2, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last); break;
+      default: gemm_nn_micro<1, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last); break;
+    }
+  }
+}
+
+ADAMOE_AVX512 void gemm_nn_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                  float* C, int64_t ldc, int64_t M, int64_t N, int64_t K) {
+  constexpr int64_t kCols = 16 * kNnNRV;
+  const int64_t n_blocks = (N + kCols - 1) / kCols;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t k0 = 0; k0 < K; k0 += kNnKC) {
+      const int64_t kc = std::min(kNnKC, K - k0);
+      const bool acc = k0 > 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b * kCols, cols = std::min(kCols, N - n);
+        const int nv = static_cast<int>((cols + 15) / 16);
+        const __mmask16 last = tail_mask(cols - 16 * (nv - 1));
+        const float* a = A + k0;
+        const float* bb = B + k0 * ldb + n;
+        float* c = C + n;
+        switch (nv) {
+          case 6: gemm_nn_column_block<6>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
+          case 5: gemm_nn_column_block<5>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
+          case 4: gemm_nn_column_block<4>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
+          case 3: gemm_nn_column_block<3>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
+          case 2: gemm_nn_column_block<2>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
+          default: gemm_nn_column_block<1>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
+        }
+      }
+    }
+  });
+}
+
+#endif  // ADAMOE_X86_AVX512
+
+}  // namespace
+
+bool has_avx512() {
+#if ADAMOE_X86_AVX512
+  // ADAMOE_CPU_PORTABLE=1 forces the portable loops (tests; CPUs that downclock on AVX-512).
+  static const bool ok = __builtin_cpu_supports("avx512f") &&
+                         std::getenv("ADAMOE_CPU_PORTABLE") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void silu_mul(const float* g, const float* u, float* h, int64_t n) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) return silu_mul_avx512(g, u, h, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) h[i] = g[i] * u[i] / (1.f + exp_scalar(-g[i]));
+}
+
+float silu_mul_backward(const float* g, const float* u, const float* G, float w, int64_t n,
+                        float* wh, float* dg, float* du) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) return silu_mul_backward_avx512(g, u, G, w, n, wh, dg, du);
+#endif
+  float lanes[16] = {0.f};
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = g[i], e = exp_scalar(-x), s = 1.f / (1.f + e), silu = x * s;
+    const float h = silu * u[i], dh = w * G[i];
+    lanes[i % 16] += G[i] * h;
+    wh[i] = w * h;
+    du[i] = dh * silu;
+    dg[i] = dh * u[i] * (silu * e * s + s);
+  }
+  float sum = 0.f;
+  for (float l : lanes) sum += l;
+  return sum;
+}
+
+void axpy(float* acc, float w, const float* x, int64_t n) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) return axpy_avx512(acc, w, x, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * x[i];
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) return dot_avx512(a, b, n);
+#endif
+  float lanes[16] = {0.f};
+  for (int64_t i = 0; i < n; ++i) lanes[i % 16] += a[i] * b[i];
+  float sum = 0.f;
+  for (float l : lanes) sum += l;
+  return sum;
+}
+
+void gemm_nn_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                     int64_t ldc, int64_t M, int64_t N, int64_t K) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) return gemm_nn_avx512(A, lda, B, ldb, C, ldc, M, N, K);
+#endif
+  TORCH_CHECK(false, "gemm_nn_small_m needs AVX-512 (check has_avx512() first)");
+}
+
+void gemm_nt_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                     int64_t ldc, int64_t M, int64_t N, int64_t K) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) return gemm_nt_avx512(A, lda, B, ldb, C, ldc, M, N, K);
+#endif
+  TORCH_CHECK(false, "gemm_nt_small_m needs AVX-512 (check has_avx512() first)");
+}
+
+}  // namespace cpu_math
+}  // namespace adamoe

@@ -1,0 +1,76 @@
+// CPU building blocks shared by the C++ kernels: dtype conversion helpers and the hot fp32 loops
+// (fused SiLU-gate elementwise passes, a small-M "NT" GEMM). Each hot loop has an AVX-512 version
+// (picked at run time when the CPU has AVX-512F) and a portable scalar version, so the extension
+// needs no -march flag and runs on any CPU. Both versions are deterministic: fixed summation order,
+// independent of the thread count.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace adamoe {
+namespace cpu_math {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(float));
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_float(float x) { return static_cast<T>(x); }
+template <>
+inline float from_float<float>(float x) { return x; }
+
+template <typename T>
+inline void convert(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+template <typename T>
+inline void convert(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
+}
+inline void convert(const float* src, float* dst, int64_t n) {
+  if (src != dst && n > 0) std::memcpy(dst, src, n * sizeof(float));
+}
+
+// True when the AVX-512 versions run on this CPU (and ADAMOE_CPU_PORTABLE is not set).
+bool has_avx512();
+
+// h[i] = silu(g[i]) * u[i]
+void silu_mul(const float* g, const float* u, float* h, int64_t n);
+
+// Backward of h = silu(g) * u for one row, given G = d(sum_j w_j h_j)/dh / w (the unweighted
+// gradient) and the routing weight w:
+//   wh = w * h,  du = w * G * silu(g),  dg = w * G * u * silu'(g).
+// Returns sum_i G[i] * h[i] (16-lane partial sums, fixed order).
+float silu_mul_backward(const float* g, const float* u, const float* G, float w, int64_t n,
+                        float* wh, float* dg, float* du);
+
+// acc[i] += w * x[i]
+void axpy(float* acc, float w, const float* x, int64_t n);
+
+// sum_i a[i] * b[i] (16-lane partial sums, fixed order)
+float dot(const float* a, const float* b, int64_t n);
+
+// C[m, n] = sum_k A[m, k] * B[n, k] for row-major fp32 A [M, K] (row stride lda), B [N, K] (ldb),
+// C [M, N] (ldc). Made for small M (the rows of one expert) against a large weight B, which is
+// streamed once without packing. Multithreaded over column blocks of C (at::parallel_for);
+// each C element is summed in the same order for any thread count. Needs has_avx512().
+void gemm_nt_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                     int64_t ldc, int64_t M, int64_t N, int64_t K);
+
+// C[m, n] = sum_k A[m, k] * B[k, n] for row-major fp32 A [M, K], B [K, N], C [M, N]; small M
+// against a large B read row by row (no packing). Multithreaded over column blocks of C; the
+// K order is fixed, so results do not depend on the thread count. Needs has_avx512().
+void gemm_nn_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                     int64_t ldc, int64_t M, int64_t N, int64_t K);
+
+}  // namespace cpu_math
+}  // namespace adamoe

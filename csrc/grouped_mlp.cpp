@@ -1,0 +1,551 @@
+// Grouped expert MLP on CPU over the compacted true assignments only (null slots cost nothing).
+//
+// Forward, per true expert e with r_e rows (slots sorted_slots[off_e : off_{e+1}]):
+//   X_e  = hidden[slot / k]                       gathered once for all experts, [A, H]
+//   GU_e = X_e @ gate_up_proj[e]^T                one GEMM for gate and up, [r_e, 2I]
+//   h_e  = silu(GU_e[:, :I]) * GU_e[:, I:]        fused elementwise,        [r_e, I]
+//   O_e  = h_e @ down_proj[e]^T                   [r_e, H], rows of a compact [A, H] buffer
+//   y_t  = sum_j w_tj O[pos(t*k+j)]  (+ w_tj x_t per null slot for "identity")
+// The combine runs per token in slot order (deterministic, no atomics, fp32 accumulation).
+// GU is returned as the only saved activation; the backward recomputes h from it.
+//
+// Backward, per expert (d_out = w * dy is never materialised):
+//   G     = dy_e @ down_proj[e]                   [r_e, I]
+//   dw    = rowsum(G * h);  dh = w * G;  [dg, du] through silu (fused elementwise)
+//   d down_proj[e]    = dy_e^T @ (w * h)
+//   d gate_up_proj[e] = [dg, du]^T @ X_e
+//   dX_e              = [dg, du] @ gate_up_proj[e] compact rows, summed per token in slot order
+//
+// GEMMs. An expert holds few rows (r_e = T*L/n), and every forward GEMM is x @ W^T against a
+// large weight. For fp32 on AVX-512 CPUs with r_e <= kSmallGemmMaxRows the forward GEMMs use
+// cpu_math::gemm_nt_small_m, which streams the weight once without packing (faster than MKL at
+// small r_e, so the time keeps falling with the load); GU_e is then stored row-major [r_e, 2I].
+// Otherwise at::mm_out (MKL/oneDNN, multithreaded) computes GU_e^T = W_e @ X_e^T, the faster
+// orientation there, and GU_e is stored transposed as a [2I, r_e] block. The backward reads
+// either layout (gu_transposed()). The experts run one after the other; each GEMM and each
+// elementwise pass is multithreaded inside (measured faster on few cores than experts in
+// parallel with single-threaded GEMMs, and it keeps every result independent of the thread count
+// up to the GEMM library's blocking).
+#include "adamoe_cpu.h"
+#include "cpu_math.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <limits>
+#include <vector>
+
+namespace adamoe {
+
+namespace {
+
+using cpu_math::from_float;
+using cpu_math::to_float;
+
+// Largest expert row count for which the forward GEMMs use gemm_nt_small_m (fp32, AVX-512).
+constexpr int64_t kSmallGemmMaxRows = 192;
+// Largest expert row counts for which the backward GEMMs G = dy @ down and dX = dGU @ gate_up use
+// cpu_math::gemm_nn_small_m (fp32, AVX-512); above them at::mm (MKL) is as fast or faster.
+constexpr int64_t kSmallGemmMaxRowsG = 96;
+constexpr int64_t kSmallGemmMaxRowsDx = 192;
+// Rows x columns of one tile of the transposed-layout backward elementwise pass.
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileCols = 256;
+// Tokens per task of the combine passes.
+constexpr int64_t kCombineGrain = 16;
+// Elements per task (and per fp32 conversion chunk) of the forward elementwise pass.
+constexpr int64_t kElementwiseGrain = 4096;
+
+// True when the fp32 small-M kernels run for `rows` rows under the given limit.
+bool small_gemm(at::ScalarType dtype, int64_t rows, int64_t max_rows) {
+  return dtype == at::kFloat && rows <= max_rows && cpu_math::has_avx512();
+}
+
+// True when expert blocks of GU are stored transposed ([2I, r]); decided by dtype and row count
+// only, so the forward and the backward always agree.
+bool gu_transposed(at::ScalarType dtype, int64_t rows) {
+  static const int64_t mx = std::getenv("ADAMOE_SMALL_MAX") ? std::atoll(std::getenv("ADAMOE_SMALL_MAX")) : kSmallGemmMaxRows;  // TUNING
+  return !small_gemm(dtype, rows, mx);
+}
+
+// Large outputs are written once, in full, right after allocation: on Linux ask for transparent
+// huge pages first, so the first touch costs one page fault per 2 MiB instead of per 4 KiB (this is
+// most of the fixed cost of the weight gradients at low load). Only a hint, and only for buffers of
+// >= 32 MiB: glibc always serves those with their own mmap (its dynamic mmap threshold is capped
+// at 32 MiB), so the advice ends with the buffer and never reaches heap memory reused later.
+// ADAMOE_CPU_NO_HUGEPAGES=1 turns it off.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kMinBytes = size_t{32} << 20;
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  static const bool disabled = std::getenv("ADAMOE_CPU_NO_HUGEPAGES") != nullptr;
+  if (disabled || t.nbytes() < kMinBytes) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t a = (begin + kHuge - 1) & ~(kHuge - 1), b = end & ~(kHuge - 1);
+  if (b > a) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// out = a @ b for row-major a [r, K], b [K, N] (contiguous rows): the fp32 small-M kernel when
+// it is the faster one, else at::mm_out.
+void mm_nn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t max_rows) {
+  const int64_t r = a.size(0);
+  if (small_gemm(a.scalar_type(), r, max_rows) && a.stride(1) == 1 && b.stride(1) == 1 &&
+      out.stride(1) == 1) {
+    cpu_math::gemm_nn_small_m(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
+                              out.data_ptr<float>(), out.stride(0), r, b.size(1), a.size(1));
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+// h = silu(g) * u over n elements of any supported dtype (fp32 math).
+template <typename T>
+void silu_mul_any(const T* g, const T* u, T* h, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    cpu_math::silu_mul(g, u, h, n);
+  } else {
+    float gf[kElementwiseGrain], uf[kElementwiseGrain], hf[kElementwiseGrain];
+    for (int64_t i0 = 0; i0 < n; i0 += kElementwiseGrain) {
+      const int64_t len = std::min(kElementwiseGrain, n - i0);
+      cpu_math::convert(g + i0, gf, len);
+      cpu_math::convert(u + i0, uf, len);
+      cpu_math::silu_mul(gf, uf, hf, len);
+      cpu_math::convert(hf, h + i0, len);
+    }
+  }
+}
+
+// acc += w * x for a row of any supported dtype.
+template <typename T>
+void axpy_any(float* acc, float w, const T* x, int64_t n, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    cpu_math::axpy(acc, w, x, n);
+  } else {
+    cpu_math::convert(x, scratch, n);
+    cpu_math::axpy(acc, w, scratch, n);
+  }
+}
+
+// ---- routing metadata -------------------------------------------------------------------
+
+struct Groups {
+  int64_t T, H, n, I, k, A;
+  std::vector<int64_t> off;   // [n+1]
+  at::Tensor row_token;       // int64 [A]: token of compact row p
+  std::vector<float> row_w;   // [A]: routing weight of compact row p
+  std::vector<int32_t> pos;   // [T*k]: compact row of a true slot, -1 for a null slot
+};
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down,
+                  const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& slots,
+                  const at::Tensor& offsets) {
+  for (const at::Tensor* t : {&hidden, &gate_up, &down, &ids, &weights, &slots, &offsets}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "adamoe cpu ops take CPU tensors, got ", t->device());
+  }
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [T, H], got ", hidden.sizes());
+  TORCH_CHECK_VALUE(gate_up.dim() == 3 && down.dim() == 3,
+                    "gate_up_proj must be [n, 2I, H] and down_proj [n, H, I]");
+  const auto st = hidden.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                   "hidden must be float32/bfloat16/float16, got ", st);
+  TORCH_CHECK_TYPE(gate_up.scalar_type() == st && down.scalar_type() == st,
+                   "gate_up_proj and down_proj must have hidden's dtype ", st);
+  const int64_t T = hidden.size(0), H = hidden.size(1), n = gate_up.size(0);
+  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0 && gate_up.size(2) == H,
+                    "gate_up_proj must be [n, 2I, H] with H = ", H, ", got ", gate_up.sizes());
+  const int64_t I = gate_up.size(1) / 2;
+  TORCH_CHECK_VALUE(down.size(0) == n && down.size(1) == H && down.size(2) == I,
+                    "down_proj must be [n, H, I] = [", n, ", ", H, ", ", I, "], got ",
+                    down.sizes());
+  TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == T, "topk_ids must be [T, k] with T = ", T,
+                    ", got ", ids.sizes());
+  TORCH_CHECK_VALUE(weights.sizes() == ids.sizes(), "topk_weights must have topk_ids' shape");
+  TORCH_CHECK_VALUE(slots.dim() == 1 && slots.numel() == ids.numel(),
+                    "sorted_slots must be [T*k] = [", ids.numel(), "], got ", slots.sizes());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() == n + 1,
+                    "expert_offsets must be [n+1] = [", n + 1, "], got ", offsets.sizes());
+}
+
+// Reads the routing metadata (CPU tensors: no device sync) and checks it is consistent, so a
+// malformed Routing raises instead of reading out of bounds.
+Groups make_groups(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& ids_in,
+                   const at::Tensor& weights_in, const at::Tensor& slots_in,
+                   const at::Tensor& offsets_in) {
+  Groups g;
+  g.T = hidden.size(0);
+  g.H = hidden.size(1);
+  g.n = gate_up.size(0);
+  g.I = gate_up.size(1) / 2;
+  g.k = ids_in.size(1);
+  const int64_t S = g.T * g.k;
+  const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  g.off.assign(o, o + g.n + 1);
+  TORCH_CHECK_VALUE(g.off[0] == 0, "expert_offsets[0] must be 0");
+  for (int64_t e = 0; e < g.n; ++e) {
+    TORCH_CHECK_VALUE(g.off[e] <= g.off[e + 1], "expert_offsets must be non-decreasing");
+  }
+  g.A = g.off[g.n];
+  TORCH_CHECK_VALUE(g.A <= S, "expert_offsets[n] (", g.A, ") exceeds T*k (", S, ")");
+  const at::Tensor ids = ids_in.to(at::kInt).contiguous();
+  const at::Tensor slots = slots_in.to(at::kInt).contiguous();
+  const at::Tensor weights = weights_in.to(at::kFloat).contiguous();
+  const int32_t* id = ids.data_ptr<int32_t>();
+  const int32_t* sl = slots.data_ptr<int32_t>();
+  const float* w = weights.data_ptr<float>();
+  g.row_token = at::empty({g.A}, hidden.options().dtype(at::kLong));
+  int64_t* tok = g.row_token.data_ptr<int64_t>();
+  g.row_w.resize(g.A);
+  g.pos.assign(S, -1);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, g.n, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      for (int64_t p = g.off[e]; p < g.off[e + 1]; ++p) {
+        const int64_t s = sl[p];
+        if (s < 0 || s >= S || id[s] != e) {
+          bad = true;
+          return;
+        }
+        tok[p] = s / g.k;
+        g.row_w[p] = w[s];
+        g.pos[s] = static_cast<int32_t>(p);
+      }
+    }
+  });
+  TORCH_CHECK_VALUE(!bad, "sorted_slots/expert_offsets do not match topk_ids: the first "
+                    "expert_offsets[n] entries of sorted_slots must be the true slots grouped by "
+                    "expert (use adamoe_kernels.route)");
+  // Every true slot must have a row (the null slots never do).
+  int64_t n_true = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK_VALUE(id[s] >= 0, "topk_ids must be >= 0");
+    n_true += id[s] < g.n;
+  }
+  TORCH_CHECK_VALUE(n_true == g.A, "topk_ids has ", n_true, " true slots but expert_offsets[n] is ",
+                    g.A);
+  return g;
+}
+
+// Block [rows, cols] of a flat buffer starting at row `row0` of a [*, cols] layout.
+at::Tensor block(const at::Tensor& flat2d, int64_t row0, int64_t rows, int64_t view_rows,
+                 int64_t view_cols) {
+  const int64_t cols = flat2d.size(1);
+  return flat2d.view({-1}).narrow(0, row0 * cols, rows * cols).view({view_rows, view_cols});
+}
+
+template <typename scalar_t>
+void combine_forward(const Groups& g, NullKind null_kind, const scalar_t* O, const scalar_t* x,
+                     const int32_t* ids, const float* w, scalar_t* y) {
+  const int64_t H = g.H, k = g.k;
+  at::parallel_for(0, g.T, kCombineGrain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(H), scratch(H);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float null_w = 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t s = t * k + j;
+        if (ids[s] < g.n) {
+          axpy_any(acc.data(), w[s], O + static_cast<int64_t>(g.pos[s]) * H, H, scratch.data());
+        } else {
+          null_w += w[s];
+        }
+      }
+      if (null_kind == NullKind::kIdentity && null_w != 0.f) {
+        axpy_any(acc.data(), null_w, x + t * H, H, scratch.data());
+      }
+      cpu_math::convert(acc.data(), y + t * H, H);
+    }
+  });
+}
+
+// Forward of one expert: rows Xe [r, H] -> gu block (saved), O rows [r, H].
+template <typename scalar_t>
+void expert_forward(const at::Tensor& Xe, const at::Tensor& w_gu, const at::Tensor& w_down,
+                    at::Tensor& gu, at::Tensor& h_buf, at::Tensor& O, int64_t row0, int64_t r) {
+  const int64_t H = Xe.size(1), I = w_down.size(1);
+  if (!gu_transposed(Xe.scalar_type(), r)) {
+    float* gup = gu.data_ptr<float>() + row0 * 2 * I;  // [r, 2I]
+    float* hp = h_buf.data_ptr<float>();              // [r, I]
+    cpu_math::gemm_nt_small_m(Xe.data_ptr<float>(), H, w_gu.data_ptr<float>(), H, gup, 2 * I, r,
+                              2 * I, H);
+    at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) cpu_math::silu_mul(gup + i * 2 * I, gup + i * 2 * I + I,
+                                                           hp + i * I, I);
+    });
+    cpu_math::gemm_nt_small_m(hp, I, w_down.data_ptr<float>(), I, O.data_ptr<float>() + row0 * H,
+                              H, r, H, I);
+    return;
+  }
+  at::Tensor guT = block(gu, row0, r, 2 * I, r);
+  at::mm_out(guT, w_gu, Xe.t());
+  at::Tensor hT = h_buf.narrow(0, 0, I * r).view({I, r});
+  const scalar_t* gp = guT.data_ptr<scalar_t>();
+  scalar_t* hp = hT.data_ptr<scalar_t>();
+  const int64_t len = I * r;
+  at::parallel_for(0, len, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+    silu_mul_any(gp + i0, gp + len + i0, hp + i0, i1 - i0);
+  });
+  at::Tensor Oe = O.narrow(0, row0, r);
+  at::mm_out(Oe, hT.t(), w_down.t());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
+    const at::Tensor& hidden_in, const at::Tensor& gate_up_in, const at::Tensor& down_in,
+    const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_slots,
+    const at::Tensor& expert_offsets, const std::string& null_kind_str) {
+  check_inputs(hidden_in, gate_up_in, down_in, topk_ids, topk_weights, sorted_slots,
+               expert_offsets);
+  const NullKind null_kind = parse_null_kind(null_kind_str);
+  const at::Tensor hidden = hidden_in.contiguous();
+  const at::Tensor gate_up = gate_up_in.contiguous();
+  const at::Tensor down = down_in.contiguous();
+  const Groups g = make_groups(hidden, gate_up, topk_ids, topk_weights, sorted_slots,
+                               expert_offsets);
+  const int64_t H = g.H, I = g.I, A = g.A;
+  auto opts = hidden.options();
+
+  at::Tensor gu = at::empty({A, 2 * I}, opts);  // saved: one block per expert (see top)
+  advise_huge_pages(gu);
+  at::Tensor O = at::empty({A, H}, opts);        // expert outputs, compact rows
+  if (A > 0) {
+    const at::Tensor X = hidden.index_select(0, g.row_token);  // [A, H]
+    int64_t max_rows = 0;
+    for (int64_t e = 0; e < g.n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);
+    at::Tensor h_buf = at::empty({max_rows * I}, opts);  // h of one expert, reused
+    ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "moe_mlp_forward_cpu", [&] {
+      for (int64_t e = 0; e < g.n; ++e) {
+        const int64_t r = g.off[e + 1] - g.off[e];
+        if (r == 0) continue;  // an expert with no rows does no work
+        expert_forward<scalar_t>(X.narrow(0, g.off[e], r), gate_up[e], down[e], gu, h_buf, O,
+                                 g.off[e], r);
+      }
+    });
+  }
+  at::Tensor y = at::empty_like(hidden);
+  const at::Tensor ids = topk_ids.to(at::kInt).contiguous();
+  const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
+  ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "combine", [&] {
+    combine_forward<scalar_t>(g, null_kind, O.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
+                              ids.data_ptr<int32_t>(), w.data_ptr<float>(), y.data_ptr<scalar_t>());
+  });
+  return {y, gu};
+}
+
+namespace {
+
+// Backward elementwise pass of one expert: from its GU block and G [r, I] writes wh = w*h [r, I],
+// dGU = [dg, du] [r, 2I] and dw[p] = <G_p, h_p>. Row-major GU (fp32): one call per row.
+// Transposed GU: tiles of kTileRows x kTileCols are transposed into fp32 scratch first so every
+// inner loop is contiguous; per-tile partial sums are added in a fixed order. Deterministic for
+// any thread count either way.
+template <typename scalar_t>
+void silu_mul_backward_expert(const scalar_t* gu, bool transposed, const scalar_t* G,
+                              const float* row_w, int64_t r, int64_t I, scalar_t* wh,
+                              scalar_t* dgu, float* dw) {
+  if (!transposed) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) {
+          const float* row = gu + i * 2 * I;
+          dw[i] = cpu_math::silu_mul_backward(row, row + I, G + i * I, row_w[i], I, wh + i * I,
+                                              dgu + i * 2 * I, dgu + i * 2 * I + I);
+        }
+      });
+      return;
+    }
+    TORCH_CHECK(false, "row-major GU blocks are fp32 only");
+  }
+  const int64_t n_rb = (r + kTileRows - 1) / kTileRows;
+  const int64_t n_cb = (I + kTileCols - 1) / kTileCols;
+  std::vector<float> partial(n_cb * r);
+  at::parallel_for(0, n_rb * n_cb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> gt(kTileRows * kTileCols), ut(kTileRows * kTileCols);
+    float Gf[kTileCols], whf[kTileCols], dgf[kTileCols], duf[kTileCols];
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t rb = tile / n_cb, cb = tile % n_cb;
+      const int64_t r0 = rb * kTileRows, nr = std::min(kTileRows, r - r0);
+      const int64_t c0 = cb * kTileCols, nc = std::min(kTileCols, I - c0);
+      for (int64_t c = 0; c < nc; ++c) {
+        const scalar_t* grow = gu + (c0 + c) * r + r0;
+        const scalar_t* urow = gu + (I + c0 + c) * r + r0;
+        for (int64_t i = 0; i < nr; ++i) {
+          gt[i * kTileCols + c] = to_float(grow[i]);
+          ut[i * kTileCols + c] = to_float(urow[i]);
+        }
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t row = r0 + i;
+        cpu_math::convert(G + row * I + c0, Gf, nc);
+        partial[cb * r + row] = cpu_math::silu_mul_backward(
+            gt.data() + i * kTileCols, ut.data() + i * kTileCols, Gf, row_w[row], nc, whf, dgf,
+            duf);
+        cpu_math::convert(whf, wh + row * I + c0, nc);
+        cpu_math::convert(dgf, dgu + row * 2 * I + c0, nc);
+        cpu_math::convert(duf, dgu + row * 2 * I + I + c0, nc);
+      }
+    }
+  });
+  for (int64_t row = 0; row < r; ++row) {
+    float s = 0.f;
+    for (int64_t cb = 0; cb < n_cb; ++cb) s += partial[cb * r + row];
+    dw[row] = s;
+  }
+}
+
+// d hidden (sum of the compact dX rows of a token, slot order, + identity term) and
+// d topk_weights, per token.
+template <typename scalar_t>
+void combine_backward(const Groups& g, NullKind null_kind, const scalar_t* dX, const scalar_t* dy,
+                      const scalar_t* x, const int32_t* ids, const float* w, const float* dw_row,
+                      scalar_t* grad_hidden, float* grad_w) {
+  const int64_t H = g.H, k = g.k;
+  at::parallel_for(0, g.T, kCombineGrain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(H), scratch(H), dyf(H), xf(H);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float null_w = 0.f;
+      bool dyx_ready = false;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t s = t * k + j;
+        if (ids[s] < g.n) {
+          const int64_t p = g.pos[s];
+          if (grad_hidden) axpy_any(acc.data(), 1.f, dX + p * H, H, scratch.data());
+          if (grad_w) grad_w[s] = dw_row[p];
+        } else {
+          null_w += w[s];
+          if (grad_w) {
+            if (null_kind == NullKind::kIdentity && !dyx_ready) {
+              cpu_math::convert(dy + t * H, dyf.data(), H);
+              cpu_math::convert(x + t * H, xf.data(), H);
+              dyx_ready = true;
+            }
+            grad_w[s] = null_kind == NullKind::kIdentity ? cpu_math::dot(dyf.data(), xf.data(), H)
+                                                         : 0.f;
+          }
+        }
+      }
+      if (grad_hidden) {
+        if (null_kind == NullKind::kIdentity && null_w != 0.f) {
+          axpy_any(acc.data(), null_w, dy + t * H, H, scratch.data());
+        }
+        cpu_math::convert(acc.data(), grad_hidden + t * H, H);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& hidden_in, const at::Tensor& gate_up_in,
+    const at::Tensor& down_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+    const at::Tensor& sorted_slots, const at::Tensor& expert_offsets,
+    const at::Tensor& gate_up_out, const std::string& null_kind_str,
+    std::array<bool, 4> output_mask) {
+  check_inputs(hidden_in, gate_up_in, down_in, topk_ids, topk_weights, sorted_slots,
+               expert_offsets);
+  const NullKind null_kind = parse_null_kind(null_kind_str);
+  TORCH_CHECK_VALUE(grad_y_in.sizes() == hidden_in.sizes(), "grad_y must have hidden's shape");
+  const at::Tensor hidden = hidden_in.contiguous();
+  const at::Tensor gate_up = gate_up_in.contiguous();
+  const at::Tensor down = down_in.contiguous();
+  const at::Tensor dy = grad_y_in.to(hidden.scalar_type()).contiguous();
+  const Groups g = make_groups(hidden, gate_up, topk_ids, topk_weights, sorted_slots,
+                               expert_offsets);
+  const int64_t H = g.H, I = g.I, A = g.A, n = g.n;
+  TORCH_CHECK_VALUE(gate_up_out.dim() == 2 && gate_up_out.size(0) == A &&
+                        gate_up_out.size(1) == 2 * I &&
+                        gate_up_out.scalar_type() == hidden.scalar_type(),
+                    "gate_up_out must be the [A, 2I] buffer moe_mlp_forward_cpu returned");
+  const at::Tensor gu = gate_up_out.contiguous();
+  const auto [need_hidden, need_gate_up, need_down, need_w] = output_mask;
+  const bool need_G = need_hidden || need_gate_up || need_w;
+  auto opts = hidden.options();
+
+  at::Tensor grad_hidden = need_hidden ? at::empty_like(hidden) : at::empty({0}, opts);
+  at::Tensor grad_gate_up = need_gate_up ? at::empty_like(gate_up) : at::empty({0}, opts);
+  at::Tensor grad_down = need_down ? at::empty_like(down) : at::empty({0}, opts);
+  if (need_gate_up) advise_huge_pages(grad_gate_up);
+  if (need_down) advise_huge_pages(grad_down);
+  at::Tensor grad_w = need_w ? at::empty(topk_weights.sizes(), opts.dtype(at::kFloat))
+                             : at::empty({0}, topk_weights.options());
+  at::Tensor dX = at::empty({need_hidden ? A : 0, H}, opts);  // compact rows of d hidden
+  std::vector<float> dw_row(A, 0.f);
+
+  if (A > 0 && (need_G || need_down)) {
+    const at::Tensor X = need_gate_up ? hidden.index_select(0, g.row_token) : at::Tensor();
+    const at::Tensor dY = dy.index_select(0, g.row_token);  // [A, H]
+    int64_t max_rows = 0;
+    for (int64_t e = 0; e < n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);
+    // Scratch reused by every expert (stays warm in cache, no per-expert allocation).
+    at::Tensor G_buf = at::empty({max_rows * I}, opts);
+    at::Tensor wh_buf = at::empty({max_rows * I}, opts);
+    at::Tensor dgu_buf = at::empty({max_rows * 2 * I}, opts);
+    for (int64_t e = 0; e < n; ++e) {
+      const int64_t r = g.off[e + 1] - g.off[e];
+      if (r == 0) {  // no rows: exact zero weight gradients, no other work
+        if (need_gate_up) grad_gate_up[e].zero_();
+        if (need_down) grad_down[e].zero_();
+        continue;
+      }
+      const at::Tensor dYe = dY.narrow(0, g.off[e], r);
+      at::Tensor G = G_buf.narrow(0, 0, r * I).view({r, I});
+      at::Tensor wh = wh_buf.narrow(0, 0, r * I).view({r, I});
+      at::Tensor dgu = dgu_buf.narrow(0, 0, r * 2 * I).view({r, 2 * I});
+      if (need_G) {
+        mm_nn(G, dYe, down[e], kSmallGemmMaxRowsG);
+      } else {
+        G.zero_();  // only w*h is wanted
+      }
+      ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "silu_mul_backward", [&] {
+        silu_mul_backward_expert<scalar_t>(
+            gu.data_ptr<scalar_t>() + g.off[e] * 2 * I, gu_transposed(hidden.scalar_type(), r),
+            G.data_ptr<scalar_t>(), g.row_w.data() + g.off[e], r, I, wh.data_ptr<scalar_t>(),
+            dgu.data_ptr<scalar_t>(), dw_row.data() + g.off[e]);
+      });
+      if (need_down) {
+        at::Tensor out = grad_down[e];
+        at::mm_out(out, dYe.t(), wh);
+      }
+      if (need_gate_up) {
+        at::Tensor out = grad_gate_up[e];
+        at::mm_out(out, dgu.t(), X.narrow(0, g.off[e], r));
+      }
+      if (need_hidden) {
+        at::Tensor out = dX.narrow(0, g.off[e], r);
+        mm_nn(out, dgu, gate_up[e], kSmallGemmMaxRowsDx);
+      }
+    }
+  } else if (A == 0) {
+    if (need_gate_up) grad_gate_up.zero_();
+    if (need_down) grad_down.zero_();
+  }
+  if (need_hidden || need_w) {
+    const at::Tensor ids = topk_ids.to(at::kInt).contiguous();
+    const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
+    ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "combine_backward", [&] {
+      combine_backward<scalar_t>(g, null_kind, need_hidden ? dX.data_ptr<scalar_t>() : nullptr,
+                                 dy.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
+                                 ids.data_ptr<int32_t>(), w.data_ptr<float>(), dw_row.data(),
+                                 need_hidden ? grad_hidden.data_ptr<scalar_t>() : nullptr,
+                                 need_w ? grad_w.data_ptr<float>() : nullptr);
+    });
+  }
+  if (need_w && topk_weights.scalar_type() != at::kFloat) {
+    grad_w = grad_w.to(topk_weights.scalar_type());
+  }
+  return {grad_hidden, grad_gate_up, grad_down, grad_w};
+}
+
+}  // namespace adamoe

@@ -1,0 +1,39 @@
+// Registers the C++ CPU kernels as torch.ops.adamoe.*_cpu. FRAGMENT: Python code defines other
+// ops in the same `adamoe` namespace through torch.library.custom_op. Autograd formulas and fake
+// (meta) kernels are registered from Python in adamoe_kernels/ops/cpu.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "adamoe_cpu.h"
+
+TORCH_LIBRARY_FRAGMENT(adamoe, m) {
+  m.def(
+      "route_cpu(Tensor router_logits, int top_k, int num_experts, str normalize) -> "
+      "(Tensor topk_ids, Tensor topk_weights, Tensor expert_counts, Tensor expert_offsets, "
+      "Tensor sorted_slots)");
+  m.def(
+      "route_backward_cpu(Tensor grad_topk_weights, Tensor router_logits, Tensor topk_ids, "
+      "int num_experts, str normalize) -> Tensor");
+  m.def(
+      "moe_mlp_forward_cpu(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, "
+      "Tensor topk_ids, Tensor topk_weights, Tensor sorted_slots, Tensor expert_offsets, "
+      "str null_kind) -> (Tensor y, Tensor gate_up_out)");
+  m.def(
+      "moe_mlp_backward_cpu(Tensor grad_y, Tensor hidden, Tensor gate_up_proj, Tensor down_proj, "
+      "Tensor topk_ids, Tensor topk_weights, Tensor sorted_slots, Tensor expert_offsets, "
+      "Tensor gate_up_out, str null_kind, bool[4] output_mask) -> "
+      "(Tensor grad_hidden, Tensor grad_gate_up_proj, Tensor grad_down_proj, "
+      "Tensor grad_topk_weights)");
+}
+
+TORCH_LIBRARY_IMPL(adamoe, CPU, m) {
+  m.impl("route_cpu", &adamoe::route_cpu);
+  m.impl("route_backward_cpu", &adamoe::route_backward_cpu);
+  m.impl("moe_mlp_forward_cpu", &adamoe::moe_mlp_forward_cpu);
+  m.impl("moe_mlp_backward_cpu", &adamoe::moe_mlp_backward_cpu);
+}
+
+// `import adamoe_kernels._C` loads this library, which runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adamoe_kernels C++ CPU backend (ops live in torch.ops.adamoe.*_cpu)";
+}

@@ -1,0 +1,314 @@
+"""The C++ CPU backend (``backend="cpu"``) against ``adamoe_kernels.reference``.
+
+Skipped when the extension ``adamoe_kernels._C`` is not built.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("adamoe_kernels._C", reason="C++ CPU backend not built")
+
+import adamoe_kernels as ak  # noqa: E402
+from adamoe_kernels import reference  # noqa: E402
+
+# (dtype, atol, rtol): fp32 tight; reduced precision against the fp32 reference on the same
+# (rounded) inputs, loose.
+TOLS = [
+    (torch.float32, 1e-5, 1e-4),
+    (torch.bfloat16, 6e-2, 6e-2),
+    (torch.float16, 2e-2, 2e-2),
+]
+
+# (T, n, m, k, null_bias): T=1; n+m not a power of two; k = n+m; m = 0; T across routing blocks
+# (256 tokens) and not a multiple of any block; every token all-null (null logits +20).
+ROUTE_CASES = [
+    (1, 4, 2, 2, 0.0),
+    (37, 5, 2, 3, 0.0),
+    (19, 3, 3, 6, 0.0),
+    (70, 6, 0, 2, 0.0),
+    (301, 7, 4, 3, 0.5),
+    (23, 4, 3, 2, 20.0),
+]
+
+
+def _logits(T, n, m, dtype=torch.float32, null_bias=0.0, empty_expert=None):
+    """Random logits without ties inside a row after rounding to ``dtype`` (torch.topk breaks
+    ties in no documented order; the kernels take the lower index, see test_ties_lower_index)."""
+    lg = torch.randn(T, n + m)
+    lg[:, n:] += null_bias
+    if empty_expert is not None:
+        lg[:, empty_expert] -= 30.0
+    lg = lg.to(dtype)
+    for t in range(T):
+        while lg[t].float().unique().numel() < n + m:
+            lg[t] += (torch.randn(n + m) * 0.05).to(dtype)
+    return lg
+
+
+def test_ties_lower_index():
+    """Equal probabilities: the lower expert index wins (a stable descending sort)."""
+    n, m, k = 4, 3, 3
+    lg = torch.tensor([[0.0] * 7,
+                       [1.0, 2.0, 2.0, 0.0, 2.0, 1.0, 1.0],
+                       [0.5, 0.0, 3.0, 0.0, 3.0, 0.5, 0.5]])
+    for dtype in (torch.float32, torch.bfloat16):
+        r = ak.route(lg.to(dtype), k, n, "all", backend="cpu")
+        probs = torch.softmax(lg.float(), -1)
+        want = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(r.topk_ids, want.int())
+
+
+def _close(actual, expected, atol, rtol, what):
+    """Max-abs error against atol + rtol * max|expected| (robust for sums of many terms)."""
+    actual, expected = actual.float(), expected.float()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    bound = atol + rtol * (expected.abs().max().item() if expected.numel() else 0.0)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("normalize", ["true", "all", "none"])
+@pytest.mark.parametrize("T,n,m,k,null_bias", ROUTE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_matches_reference(T, n, m, k, null_bias, normalize, dtype):
+    lg = _logits(T, n, m, dtype, null_bias).requires_grad_()
+    lg_ref = lg.detach().clone().requires_grad_()
+    r = ak.route(lg, k, n, normalize, backend="cpu")
+    rr = reference.route(lg_ref, k, n, normalize)
+    for name in ("topk_ids", "expert_counts", "expert_offsets", "sorted_slots"):
+        got, want = getattr(r, name), getattr(rr, name)
+        assert got.dtype == torch.int32, name
+        assert torch.equal(got, want), name
+    assert r.topk_weights.dtype == torch.float32
+    torch.testing.assert_close(r.topk_weights, rr.topk_weights, atol=1e-6, rtol=1e-5)
+    g = torch.randn(T, k)
+    (gl,) = torch.autograd.grad(r.topk_weights, lg, g)
+    (gl_ref,) = torch.autograd.grad(rr.topk_weights, lg_ref, g)
+    assert gl.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(gl.float(), gl_ref.float(), atol=tol, rtol=tol)
+    if null_bias >= 20 and normalize == "true":
+        assert int(r.expert_offsets[-1]) == 0
+        assert torch.count_nonzero(r.topk_weights) == 0 and torch.count_nonzero(gl) == 0
+
+
+def _moe_case(T, n, m, k, H, I, dtype, null_bias=0.0, empty_expert=None, normalize="true"):
+    lg = _logits(T, n, m, torch.float32, null_bias, empty_expert)
+    x = torch.randn(T, H).to(dtype)
+    gu = (torch.randn(n, 2 * I, H) / H**0.5).to(dtype)
+    dn = (torch.randn(n, H, I) / I**0.5).to(dtype)
+    return lg, x, gu, dn
+
+
+def _run(backend, lg, x, gu, dn, k, n, normalize, null_kind, gy, upcast=False):
+    """Output and grads (x, gate_up, down, router logits) through the public API."""
+    leaves = [t.detach().clone() for t in (x, gu, dn)]
+    if upcast:
+        leaves = [t.float() for t in leaves]
+    leaves = [t.requires_grad_() for t in leaves] + [lg.detach().clone().requires_grad_()]
+    xx, gg, dd, ll = leaves
+    r = ak.route(ll, k, n, normalize, backend=backend)
+    y = ak.moe_mlp(xx, gg, dd, r, null_kind, backend=backend)
+    if not y.requires_grad:  # the reference on an all-null batch: y is a constant zero
+        return y, [torch.zeros_like(t) for t in leaves]
+    grads = torch.autograd.grad(y, leaves, gy.to(y.dtype), allow_unused=True,
+                                materialize_grads=True)
+    return y, grads
+
+
+MOE_CASES = [
+    # T, n, m, k, H, I, null_bias, empty_expert, normalize, null_kind
+    (1, 4, 2, 2, 16, 24, 0.0, None, "true", "zero"),          # T = 1
+    (45, 5, 3, 3, 32, 40, 0.0, 2, "true", "zero"),            # an expert with no tokens
+    (29, 3, 4, 7, 16, 16, 0.0, None, "true", "zero"),         # k = n+m, n+m = 7
+    (66, 6, 0, 2, 48, 32, 0.0, None, "true", "zero"),         # m = 0 (plain top-2)
+    (21, 4, 2, 2, 16, 24, 20.0, None, "true", "zero"),        # every token all-null
+    (53, 5, 3, 3, 32, 24, 0.5, None, "all", "identity"),      # identity null kind
+    (31, 4, 3, 2, 16, 40, 0.5, None, "none", "identity"),
+    (40, 4, 2, 3, 16, 24, 0.5, 1, "all", "zero"),
+    (9, 2, 1, 2, 20, 1100, 0.0, None, "true", "zero"),       # H, I not multiples of 16; I > KC
+    (420, 2, 0, 2, 20, 24, 0.0, None, "true", "zero"),       # > kSmallGemmMaxRows rows/expert
+]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("T,n,m,k,H,I,null_bias,empty_expert,normalize,null_kind", MOE_CASES)
+def test_moe_mlp_matches_reference(T, n, m, k, H, I, null_bias, empty_expert, normalize, null_kind,
+                                   dtype, atol, rtol):
+    if dtype == torch.float16 and (T > 40 or I > 100):
+        pytest.skip("fp16 covered on the smaller shapes")
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, dtype, null_bias, empty_expert, normalize)
+    gy = torch.randn(T, H)
+    y, grads = _run("cpu", lg, x, gu, dn, k, n, normalize, null_kind, gy)
+    y_ref, grads_ref = _run("torch", lg, x, gu, dn, k, n, normalize, null_kind, gy, upcast=True)
+    assert y.dtype == dtype and y.shape == (T, H)
+    _close(y, y_ref, atol, rtol, "y")
+    for name, got, want in zip(("d hidden", "d gate_up_proj", "d down_proj", "d router_logits"),
+                               grads, grads_ref):
+        assert got.shape == want.shape, name
+        _close(got, want, atol, rtol, name)
+    if empty_expert is not None:
+        assert torch.count_nonzero(grads[1][empty_expert]) == 0
+        assert torch.count_nonzero(grads[2][empty_expert]) == 0
+    if null_bias >= 20:  # all-null: the layer is bypassed, all gradients exactly zero
+        assert torch.count_nonzero(y) == 0
+        assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_topk_weights_gradient_direct():
+    """d topk_weights of moe_mlp alone (not through route), including null slots (identity)."""
+    T, n, m, k, H, I = 33, 4, 3, 3, 16, 24
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32, null_bias=0.5)
+    r = ak.route(lg, k, n, "all", backend="cpu")
+    w = r.topk_weights.detach().clone().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    r_cpu = ak.Routing(r.topk_ids, w, r.expert_counts, r.expert_offsets, r.sorted_slots, "all")
+    r_ref = ak.Routing(r.topk_ids, w_ref, r.expert_counts, r.expert_offsets, r.sorted_slots, "all")
+    gy = torch.randn(T, H)
+    y = ak.moe_mlp(x, gu, dn, r_cpu, "identity", backend="cpu")
+    y_ref = reference.moe_mlp(x, gu, dn, r_ref, "identity")
+    (gw,) = torch.autograd.grad(y, w, gy)
+    (gw_ref,) = torch.autograd.grad(y_ref, w_ref, gy)
+    torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_frozen_weights_and_no_grad():
+    """Only the requested gradients are computed; no_grad forward matches."""
+    T, n, m, k, H, I = 27, 4, 2, 2, 16, 24
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32)
+    r = ak.route(lg, k, n, backend="cpu")
+    xr = x.clone().requires_grad_()
+    y = ak.moe_mlp(xr, gu, dn, r, backend="cpu")  # weights frozen
+    (gx,) = torch.autograd.grad(y.sum(), xr)
+    (gx_ref,) = torch.autograd.grad(reference.moe_mlp(xr, gu, dn, r).sum(), xr)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        y2 = ak.moe_mlp(x, gu, dn, r, backend="cpu")
+    assert torch.equal(y.detach(), y2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic(dtype):
+    T, n, m, k, H, I = 300, 6, 3, 3, 64, 48
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, dtype, null_bias=0.3)
+    gy = torch.randn(T, H)
+    y1, g1 = _run("cpu", lg, x, gu, dn, k, n, "all", "identity", gy)
+    y2, g2 = _run("cpu", lg, x, gu, dn, k, n, "all", "identity", gy)
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    r1 = ak.route(lg, k, n, backend="cpu")
+    r2 = ak.route(lg, k, n, backend="cpu")
+    assert torch.equal(r1.sorted_slots, r2.sorted_slots)
+    assert torch.equal(r1.topk_weights, r2.topk_weights)
+
+
+def test_thread_count_does_not_change_results():
+    T, n, m, k, H, I = 200, 5, 3, 2, 32, 40
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32, null_bias=0.3)
+    gy = torch.randn(T, H)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, g1 = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
+    finally:
+        torch.set_num_threads(threads)
+    y2, g2 = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
+    # The routing and the combine orders are fixed; only the GEMM library may block differently.
+    torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-5)
+    r1 = ak.route(lg, k, n, backend="cpu")
+    torch.set_num_threads(1)
+    try:
+        r2 = ak.route(lg, k, n, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(r1.sorted_slots, r2.sorted_slots)
+
+
+def test_empty_batch():
+    n, m, k, H, I = 3, 2, 2, 8, 8
+    lg, x, gu, dn = _moe_case(0, n, m, k, H, I, torch.float32)
+    r = ak.route(lg, k, n, backend="cpu")
+    assert r.sorted_slots.shape == (0,)
+    assert torch.equal(r.expert_offsets, torch.zeros(n + 1, dtype=torch.int32))
+    y = ak.moe_mlp(x, gu, dn, r, backend="cpu")
+    assert y.shape == (0, H)
+
+
+def test_malformed_routing_raises_value_error():
+    T, n, m, k, H, I = 10, 3, 2, 2, 8, 8
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32)
+    r = ak.route(lg, k, n, backend="cpu")
+    bad_slots = r.sorted_slots.flip(0).contiguous()
+    with pytest.raises(ValueError, match="sorted_slots"):
+        torch.ops.adamoe.moe_mlp_forward_cpu(x, gu, dn, r.topk_ids, r.topk_weights, bad_slots,
+                                            r.expert_offsets, "zero")
+    bad_offsets = r.expert_offsets.clone()
+    bad_offsets[-1] = T * k + 1
+    with pytest.raises(ValueError, match="expert_offsets"):
+        torch.ops.adamoe.moe_mlp_forward_cpu(x, gu, dn, r.topk_ids, r.topk_weights,
+                                            r.sorted_slots, bad_offsets, "zero")
+    with pytest.raises(ValueError, match="normalize"):
+        torch.ops.adamoe.route_cpu(lg, k, n, "bogus")
+
+
+def test_opcheck():
+    T, n, m, k, H, I = 12, 3, 2, 2, 8, 8
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32, null_bias=0.3)
+    torch.library.opcheck(torch.ops.adamoe.route_cpu.default, (lg.requires_grad_(), k, n, "true"),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    r = ak.route(lg.detach(), k, n, "all", backend="cpu")
+    args = (x.requires_grad_(), gu.requires_grad_(), dn, r.topk_ids,
+            r.topk_weights.requires_grad_(), r.sorted_slots, r.expert_offsets, "identity")
+    torch.library.opcheck(torch.ops.adamoe.moe_mlp_forward_cpu.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    T, n, m, k, H, I = 24, 4, 2, 2, 16, 24
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32, null_bias=0.3)
+
+    def f(lg, x, gu, dn):
+        r = ak.route(lg, k, n, "true", backend="cpu")
+        return ak.moe_mlp(x, gu, dn, r, backend="cpu")
+
+    leaves = [t.clone().requires_grad_() for t in (lg, x, gu, dn)]
+    y = torch.compile(f, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(y.sum(), leaves)
+    leaves_eager = [t.clone().requires_grad_() for t in (lg, x, gu, dn)]
+    y_eager = f(*leaves_eager)
+    grads_eager = torch.autograd.grad(y_eager.sum(), leaves_eager)
+    torch.testing.assert_close(y, y_eager)
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_portable_path_matches_reference():
+    """The non-AVX-512 loops (forced by ADAMOE_CPU_PORTABLE=1, read once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, adamoe_kernels as ak
+from adamoe_kernels import reference
+torch.manual_seed(0)
+T, n, m, k, H, I = 37, 4, 2, 2, 20, 40
+lg = torch.randn(T, n + m)
+x = torch.randn(T, H, requires_grad=True)
+gu = (torch.randn(n, 2 * I, H) / H**0.5).requires_grad_()
+dn = (torch.randn(n, H, I) / I**0.5).requires_grad_()
+r = ak.route(lg, k, n, backend="cpu")
+out = []
+for y in (ak.moe_mlp(x, gu, dn, r, backend="cpu"), reference.moe_mlp(x, gu, dn, r)):
+    out.append([y.detach()] + list(torch.autograd.grad(y, (x, gu, dn), torch.ones_like(y))))
+for a, b in zip(*out):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+print("ok")
+"""
+    env = dict(os.environ, ADAMOE_CPU_PORTABLE="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
