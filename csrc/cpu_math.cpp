@@ -40,6 +40,14 @@ constexpr int kNnMR = 4;
 constexpr int kNnNRV = 6;
 constexpr int64_t kNnKC = 64;
 
+// Small-K TN GEMM (weight gradients: C [M, N] = A^T @ B over an expert's K rows): MR rows of C x
+// NRV 16-wide vectors per micro-kernel (24 accumulators over the whole K); each task owns
+// kTnRowsPerTask rows of C and sweeps them panel by panel of B columns (<= kTnPanelBytes, in L2).
+constexpr int kTnMR = 4;
+constexpr int kTnNRV = 6;
+constexpr int64_t kTnRowsPerTask = 64;
+constexpr int64_t kTnPanelBytes = 256 << 10;
+
 // exp for the scalar path: same Cephes polynomial as the vector path.
 inline float exp_scalar(float x) {
   x = std::min(std::max(x, -87.3f), 88.3f);
@@ -304,6 +312,90 @@ ADAMOE_AVX512 void gemm_nn_avx512(const float* A, int64_t lda, const float* B, i
   });
 }
 
+// C[MR, 16*NRV] = A^T[MR, K] @ B[K, 16*NRV] for A stored [K, M] (column m of A^T is row k of A):
+// per k, NRV vectors of B row k times MR broadcast entries of A row k. The whole K is summed in
+// registers (K is an expert's row count), so C is written once; full aligned vectors go out with
+// streaming stores (C is large and written once: no read-for-ownership, no cache pollution).
+template <int MR, int NRV>
+ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_tn_micro(
+    const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
+    __mmask16 last) {
+  const auto mask = [last](int j) { return j == NRV - 1 ? last : static_cast<__mmask16>(0xFFFF); };
+  __m512 acc[MR][NRV];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NRV; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NRV];
+    for (int j = 0; j < NRV; ++j) b[j] = _mm512_maskz_loadu_ps(mask(j), B + k * ldb + 16 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[k * lda + i]);
+      for (int j = 0; j < NRV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NRV; ++j) {
+      float* c = C + i * ldc + 16 * j;
+      if (mask(j) == 0xFFFF && (reinterpret_cast<uintptr_t>(c) & 63) == 0) {
+        _mm512_stream_ps(c, acc[i][j]);
+      } else {
+        _mm512_mask_storeu_ps(c, mask(j), acc[i][j]);
+      }
+    }
+  }
+}
+
+// Rows [m0, m1) of C against columns [n0, n0 + cols) (cols <= 16 * kTnNRV).
+template <int NRV>
+ADAMOE_AVX512 void gemm_tn_column_block(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                        float* C, int64_t ldc, int64_t m0, int64_t m1, int64_t K,
+                                        __mmask16 last) {
+  for (int64_t m = m0; m < m1; m += kTnMR) {
+    const float* a = A + m;
+    float* c = C + m * ldc;
+    switch (std::min<int64_t>(kTnMR, m1 - m)) {
+      case 4: gemm_tn_micro<4, NRV>(a, lda, B, ldb, c, ldc, K, last); break;
+      case 3: gemm_tn_micro<3, NRV>(a, lda, B, ldb, c, ldc, K, last); break;
+      case 2: gemm_tn_micro<2, NRV>(a, lda, B, ldb, c, ldc, K, last); break;
+      default: gemm_tn_micro<1, NRV>(a, lda, B, ldb, c, ldc, K, last); break;
+    }
+  }
+}
+
+ADAMOE_AVX512 void gemm_tn_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                  float* C, int64_t ldc, int64_t M, int64_t N, int64_t K) {
+  constexpr int64_t kCols = 16 * kTnNRV;
+  // Columns per pass: the B panel [K, cols] a thread sweeps its rows of C with stays in L2.
+  const int64_t panel_cols = std::max<int64_t>(
+      kCols, (kTnPanelBytes / (std::max<int64_t>(K, 1) * 4)) / kCols * kCols);
+  const int64_t m_blocks = (M + kTnRowsPerTask - 1) / kTnRowsPerTask;
+  at::parallel_for(0, m_blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t m0 = b0 * kTnRowsPerTask, m1 = std::min(M, b1 * kTnRowsPerTask);
+    for (int64_t p0 = 0; p0 < N; p0 += panel_cols) {
+      const int64_t p1 = std::min(N, p0 + panel_cols);
+      for (int64_t mm = m0; mm < m1; mm += kTnRowsPerTask) {
+        const int64_t mm1 = std::min(m1, mm + kTnRowsPerTask);
+        for (int64_t n = p0; n < p1; n += kCols) {
+          const int64_t cols = std::min(kCols, p1 - n);
+          const int nv = static_cast<int>((cols + 15) / 16);
+          const __mmask16 last = tail_mask(cols - 16 * (nv - 1));
+          const float* bb = B + n;
+          float* c = C + n;
+          switch (nv) {
+            case 6: gemm_tn_column_block<6>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
+            case 5: gemm_tn_column_block<5>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
+            case 4: gemm_tn_column_block<4>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
+            case 3: gemm_tn_column_block<3>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
+            case 2: gemm_tn_column_block<2>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
+            default: gemm_tn_column_block<1>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
+          }
+        }
+      }
+    }
+  });
+  _mm_sfence();  // the streaming stores are visible before C is read
+}
+
 #endif  // ADAMOE_X86_AVX512
 
 }  // namespace
@@ -369,6 +461,14 @@ void gemm_nn_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, f
   if (has_avx512()) return gemm_nn_avx512(A, lda, B, ldb, C, ldc, M, N, K);
 #endif
   TORCH_CHECK(false, "gemm_nn_small_m needs AVX-512 (check has_avx512() first)");
+}
+
+void gemm_tn_small_k(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                     int64_t ldc, int64_t M, int64_t N, int64_t K) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) return gemm_tn_avx512(A, lda, B, ldb, C, ldc, M, N, K);
+#endif
+  TORCH_CHECK(false, "gemm_tn_small_k needs AVX-512 (check has_avx512() first)");
 }
 
 void gemm_nt_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,

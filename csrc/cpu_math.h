@@ -72,5 +72,13 @@ void gemm_nt_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, f
 void gemm_nn_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc, int64_t M, int64_t N, int64_t K);
 
+// C[m, n] = sum_k A[k, m] * B[k, n] for row-major fp32 A [K, M], B [K, N], C [M, N] (C is
+// overwritten). Made for the weight gradients, whose depth K is one expert's row count: small K,
+// large M x N output written once (streaming stores). Multithreaded over row blocks of C; each
+// element is summed over k in order, so results do not depend on the thread count. Needs
+// has_avx512().
+void gemm_tn_small_k(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                     int64_t ldc, int64_t M, int64_t N, int64_t K);
+
 }  // namespace cpu_math
 }  // namespace adamoe

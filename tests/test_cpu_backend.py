@@ -128,6 +128,7 @@ MOE_CASES = [
     (40, 4, 2, 3, 16, 24, 0.5, 1, "all", "zero"),
     (9, 2, 1, 2, 20, 1100, 0.0, None, "true", "zero"),       # H, I not multiples of 16; I > KC
     (420, 2, 0, 2, 20, 24, 0.0, None, "true", "zero"),       # > kSmallGemmMaxRows rows/expert
+    (37, 3, 2, 2, 18, 25, 0.0, None, "true", "zero"),        # row and column tails of every GEMM
 ]
 
 
