@@ -11,7 +11,7 @@ from . import reference
 from . import distributed
 from ._backend import BACKENDS, resolve_backend
 from .integrations import add_mo_lora, convert_model, expert_load, from_pretrained
-from .load_control import LoadController, set_target_load
+from .load_control import LoadController, set_target_load, set_top_p
 from .lora import moe_lora
 from .losses import AlphaSchedule, null_aware_aux_loss
 from .modules import AdaMoEBlock, AdaMoELoRALinear
@@ -38,4 +38,5 @@ __all__ = [
     "resolve_backend",
     "route",
     "set_target_load",
+    "set_top_p",
 ]

@@ -144,6 +144,7 @@ class ExpertParallelMoE(nn.Module):
         expert_start: global id of this rank's first expert.
         null_bias: 0-d buffer, the load dial of ``ak.load_control`` (selection-only bias on the
             null logits; set per rank).
+        top_p: ``None`` or top-p routing over the top-k (``ak.set_top_p``).
         last_load: 0-d buffer, this rank's load ``L`` of the last forward (no host sync).
         last_stats: ``DispatchStats`` of the last forward.
     """
@@ -181,6 +182,7 @@ class ExpertParallelMoE(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(nl, hidden_size, intermediate_size, **kw))
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
+        self.top_p: float | None = None
         self.register_buffer("null_bias", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("last_load", torch.zeros((), dtype=torch.float32, device=device),
                              persistent=False)
@@ -260,6 +262,8 @@ class ExpertParallelMoE(nn.Module):
             layer.down_proj.copy_(down[lo:hi])
             if isinstance(null_bias, torch.Tensor):
                 layer.null_bias.copy_(null_bias.reshape(()))
+        if isinstance(source, nn.Module):
+            layer.top_p = getattr(source, "top_p", None)
         return layer
 
     # ---- forward ------------------------------------------------------------------------------
@@ -282,10 +286,11 @@ class ExpertParallelMoE(nn.Module):
         # routing can run; on other devices pass it always (no host sync).
         if m > 0 and (self.null_bias.device.type != "cpu" or bool(self.null_bias != 0)):
             bias = null_selection_bias(n, m, self.null_bias)
-        backend = self.backend
-        if bias is not None and backend == "cpu":
-            backend = "torch"  # the C++ routing has no selection bias
-        return route(logits, self.top_k, n, self.normalize, selection_bias=bias, backend=backend)
+        backend, top_p = self.backend, getattr(self, "top_p", None)
+        if (bias is not None or top_p is not None) and backend == "cpu":
+            backend = "torch"  # the C++ routing has no selection bias / top-p
+        return route(logits, self.top_k, n, self.normalize, top_p=top_p, selection_bias=bias,
+                     backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T_local, H]`` -> ``[T_local, H]``; a collective: every rank of the group calls it."""

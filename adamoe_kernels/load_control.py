@@ -11,6 +11,14 @@ the unbiased probabilities. Two ways to set it:
 * training: ``LoadController(L).update(model)`` after each optimizer step nudges each layer's
   bias by ``rate * sign(L_layer - L)``, in the spirit of auxiliary-loss-free balancing, holding
   the load near ``L`` without a loss term.
+
+``reset_null_bias(model)`` sets every bias back to 0 (the model's own routing).
+
+A second, calibration-free dial: ``set_top_p(model, p)`` makes every layer route with top-p over
+its top-k (``ak.route(..., top_p=p)``): a token keeps only the smallest prefix of its top-k whose
+probability mass (null experts included) reaches ``p``, so confident tokens use fewer experts.
+``set_top_p(model, None)`` restores plain top-k. Both dials combine (the bias picks the top-k,
+top-p then truncates it).
 """
 
 from __future__ import annotations
@@ -97,6 +105,64 @@ def set_target_load(model: nn.Module, target_load: float, *inputs, iters: int = 
     finally:
         model.train(was_training)
     return loads
+
+
+@torch.no_grad()
+def reset_null_bias(model: nn.Module) -> None:
+    """Set every layer's ``null_bias`` back to 0: the routing the model was trained with."""
+    for layer in _layers_or_raise(model):
+        layer.null_bias.zero_()
+
+
+def _check_top_p(top_p) -> None:
+    if top_p is None:
+        return
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+        raise TypeError(f"top_p must be a float in (0, 1] or None, got {type(top_p).__name__}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (or None to turn top-p off), got {top_p}")
+
+
+def set_top_p(model: nn.Module, top_p: float | None) -> nn.Module:
+    """Route every AdaMoE layer of ``model`` with top-p over its top-k; ``None`` turns it off.
+
+    Each token keeps the smallest prefix of its top-k (in descending probability) whose
+    probability mass reaches ``top_p``; null experts count in the mass, at most ``k`` slots are
+    kept, and the dropped slots cost nothing, like null slots (``ak.route(..., top_p=...)``).
+    Lower ``top_p`` means a lower load; ``top_p=1.0`` keeps all k slots (the same routing as
+    ``None``). With ``normalize="true"`` the kept true experts' weights are renormalised over the
+    kept true slots.
+
+    Backends: ``triton`` and ``torch`` route with top-p natively. The C++ ``cpu`` backend has no
+    top-p, so a layer with ``backend="cpu"`` routes on the ``torch`` backend while top-p is set
+    (the routing only: the experts still run on the C++ kernels; the same fallback as the
+    ``null_bias`` dial).
+
+    On a model from ``ak.convert_model`` / ``ak.add_mo_lora`` the value is also recorded in
+    ``config.adamoe["top_p"]``, so ``save_pretrained`` + ``ak.from_pretrained`` keep it.
+
+    Raises ``TypeError``/``ValueError`` for a ``top_p`` outside ``(0, 1]``, for a model without
+    AdaMoE layers, and for a layer that has a load dial but no ``top_p`` attribute (a custom
+    layer that does not implement top-p). Returns ``model``.
+    """
+    _check_top_p(top_p)
+    layers = _layers_or_raise(model)
+    unsupported = [type(layer).__name__ for layer in layers if not hasattr(layer, "top_p")]
+    if unsupported:
+        raise TypeError(f"set_top_p: these layers have no top_p attribute (they do not route "
+                        f"with top-p): {sorted(set(unsupported))}")
+    value = None if top_p is None else float(top_p)
+    for layer in layers:
+        layer.top_p = value
+    info = getattr(getattr(model, "config", None), "adamoe", None)
+    if isinstance(info, dict):
+        info = dict(info)
+        if value is None:
+            info.pop("top_p", None)
+        else:
+            info["top_p"] = value
+        model.config.adamoe = info
+    return model
 
 
 class LoadController:

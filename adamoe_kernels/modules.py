@@ -7,9 +7,10 @@
 * ``AdaMoERouter``: the ``n+m`` row router (an ``nn.Linear`` without bias, so PEFT can target it).
 
 Every layer here keeps the contract of ``ak.load_control``: a 0-d ``null_bias`` buffer (the
-selection-only bias on the null logits, 0 = plain routing) and ``last_load`` (0-d float tensor, the
-load L of the last forward, set without a host sync), plus ``last_router_logits`` for the
-null-aware loss.
+selection-only bias on the null logits, 0 = plain routing), a ``top_p`` attribute (``None`` = plain
+top-k; else each token keeps the smallest prefix of its top-k reaching that probability mass, see
+``ak.set_top_p``) and ``last_load`` (0-d float tensor, the load L of the last forward, set without
+a host sync), plus ``last_router_logits`` for the null-aware loss.
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ def _check_layer_args(num_experts, num_null_experts, top_k, normalize, null_kind
 
 def route_with_null_bias(router_logits: torch.Tensor, top_k: int, num_experts: int,
                          normalize: str, null_bias: torch.Tensor | None,
-                         backend: str | None = None) -> Routing:
-    """``ak.route`` plus the load dial: ``null_bias`` is added to the null logits for selection.
+                         backend: str | None = None, top_p: float | None = None) -> Routing:
+    """``ak.route`` plus the load dial: ``null_bias`` is added to the null logits for selection,
+    and ``top_p`` (``None``: off) truncates each token's top-k to the prefix reaching that mass.
 
     A zero bias routes exactly like no bias; on CPU (where reading it is free) it is then left out
     so the fused routing of every backend runs. On other devices, and while ``torch.compile``
     traces, the bias is always passed (no host sync, no data-dependent branch).
+
+    The C++ ``cpu`` backend has neither a selection bias nor top-p: with either one the *routing*
+    of that call runs on the ``torch`` backend (the experts still run on ``backend``).
     """
     m = router_logits.shape[-1] - num_experts
     bias = None
@@ -57,9 +62,9 @@ def route_with_null_bias(router_logits: torch.Tensor, top_k: int, num_experts: i
         if (torch.compiler.is_compiling() or null_bias.device.type != "cpu"
                 or bool(null_bias != 0)):
             bias = null_selection_bias(num_experts, m, null_bias)
-    if bias is not None and backend == "cpu":
-        backend = "torch"  # the C++ routing has no selection bias
-    return route(router_logits, top_k, num_experts, normalize, selection_bias=bias,
+    if (bias is not None or top_p is not None) and backend == "cpu":
+        backend = "torch"  # the C++ routing has no selection bias / top-p
+    return route(router_logits, top_k, num_experts, normalize, top_p=top_p, selection_bias=bias,
                  backend=backend)
 
 
@@ -107,6 +112,7 @@ class _AdaMoELayer(nn.Module):
                             backend, device):
         self.num_experts, self.num_null_experts, self.top_k = num_experts, num_null_experts, top_k
         self.normalize, self.null_kind, self.backend = normalize, null_kind, backend
+        self.top_p: float | None = None  # top-p routing (ak.set_top_p); None = plain top-k
         self.register_buffer("null_bias", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("last_load", torch.zeros((), dtype=torch.float32, device=device),
                              persistent=False)
@@ -114,7 +120,8 @@ class _AdaMoELayer(nn.Module):
 
     def _route(self, router_logits: torch.Tensor) -> Routing:
         routing = route_with_null_bias(router_logits, self.top_k, self.num_experts,
-                                       self.normalize, self.null_bias, self.backend)
+                                       self.normalize, self.null_bias, self.backend,
+                                       top_p=getattr(self, "top_p", None))
         self.last_router_logits = router_logits
         self.last_load = routing.load().detach()
         return routing

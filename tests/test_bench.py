@@ -19,6 +19,7 @@ common = importlib.import_module("common")
 layer_speedup = importlib.import_module("layer_speedup")
 kernels = importlib.import_module("kernels")
 finetune_step = importlib.import_module("finetune_step")
+load_dial = importlib.import_module("load_dial")
 make_readme_table = importlib.import_module("make_readme_table")
 
 FAST = ["--device", "cpu", "--backend", "torch", "--dtype", "float32", "--reps", "1", "--warmup", "0",
@@ -121,6 +122,39 @@ def test_finetune_step_package_models(tmp_path, variant):
     rows = _load(res["json"])["rows"]
     assert [r["config"] for r in rows] == ["top2", *configs]
     assert abs(rows[-1]["load"] - 1.0) <= 0.1
+
+
+def test_load_dial(tmp_path):
+    """In-process fine-tuning run (tiny), then the dial and top-p sweeps; then --model reloads it."""
+    tiny_ft = "--base-steps 3 --steps-per-epoch 2 --epochs 1 --eval-windows 4 --batch-size 2 --seq-len 32"
+    res = load_dial.main(FAST + ["--quick", "--finetune-args", tiny_ft, "--finetune-out", str(tmp_path / "ft"),
+                                 "--loads", "1.0", "0.5", "--top-p", "1.0", "0.1",
+                                 "--out", str(tmp_path / "results" / "cpu-test")])
+    payload = _load(res["json"])
+    rows = payload["rows"]
+    assert [r["sweep"] for r in rows] == ["natural", "load_dial", "load_dial", "top_p", "top_p",
+                                          "top2_same_weights"]
+    for r in rows:
+        for key in ("load", "eval_loss", "fwd_ms", "tokens_per_s", "speedup_vs_natural"):
+            assert r[key] is not None and r[key] == r[key], (key, r)
+    nat, dial1, dial05, p1, p01, top2 = rows
+    assert abs(dial1["calib_load"] - 1.0) <= 0.1 and abs(dial05["calib_load"] - 0.5) <= 0.1
+    assert dial05["load"] < dial1["load"]
+    assert p1["load"] == pytest.approx(nat["load"]) and p01["load"] <= p1["load"]
+    assert p1["eval_loss"] == pytest.approx(nat["eval_loss"], abs=1e-5)  # p = 1 keeps the top-k
+    assert top2["load"] == pytest.approx(2.0)
+    meta = payload["meta"]
+    assert meta["adamoe"]["top_k"] == 3 and meta["model_source"]["finetune_summary"]["eval_loss"]
+    assert Path(res["png"]).exists()
+    # the README generator renders it
+    table = make_readme_table.render(make_readme_table.load_results(tmp_path / "results"), tmp_path)
+    assert "Load dial and top-p" in table and f"{dial05['eval_loss']:.3f}" in table
+    # a saved run, loaded with --model
+    res2 = load_dial.main(FAST + ["--quick", "--model", str(tmp_path / "ft" / "model"), "--loads", "1.0",
+                                  "--top-p", "0.5", "--no-top2", "--no-plot", "--out", str(tmp_path / "r2")])
+    rows2 = res2["rows"]
+    assert [r["sweep"] for r in rows2] == ["natural", "load_dial", "top_p"]
+    assert rows2[0]["eval_loss"] == pytest.approx(nat["eval_loss"], abs=1e-5)  # same model, same data
 
 
 def test_make_readme_table(tmp_path, capsys):

@@ -217,6 +217,20 @@ def test_single_process_matches_moe_mlp(backend):
     assert float(layer.last_load) == pytest.approx(float(r.load()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_process_top_p(backend):
+    """ak.set_top_p reaches the expert-parallel layer too ('cpu' routes on torch then)."""
+    case = CASES_2["null"]
+    router, gate_up, down, xs, _ = make_problem(case)
+    layer = ExpertParallelMoE.from_dense((router, gate_up, down), top_k=case.k, backend=backend)
+    x = torch.cat(xs)
+    ak.set_top_p(layer, 0.4)
+    y = layer(x)
+    r = ak.reference.route(F.linear(x, router), case.k, case.n, top_p=0.4)
+    torch.testing.assert_close(y, ak.reference.moe_mlp(x, gate_up, down, r), atol=1e-5, rtol=1e-5)
+    assert float(layer.last_load) == pytest.approx(float(r.load()))
+
+
 def test_from_dense_module_layout():
     """A module with HF v5 Mixtral names (``gate.weight``, ``experts.gate_up_proj``, ``top_k``)."""
     case = CASES_2["top2"]

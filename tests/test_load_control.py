@@ -1,11 +1,12 @@
 """The load dial: set_target_load calibrates each layer's null bias; LoadController holds a load
-in training without a loss term."""
+in training without a loss term; set_top_p routes every layer with top-p."""
 
 import pytest
 import torch
 from torch import nn
 
 import adamoe_kernels as ak
+from adamoe_kernels._backend import cpu_extension_available
 from adamoe_kernels.load_control import adamoe_layers
 
 
@@ -87,3 +88,112 @@ def test_load_control_errors():
         ak.LoadController(-1.0)
     with pytest.raises(ValueError, match="rate must be > 0"):
         ak.LoadController(1.0, rate=0.0)
+
+
+# ---- top-p routing on the layers (ak.set_top_p) -----------------------------------------------
+
+TOP_P_BACKENDS = ["torch", "triton"] + (["cpu"] if cpu_extension_available() else [])
+
+
+@pytest.mark.parametrize("backend,p", [("torch", 0.3), ("torch", 0.9)]
+                         + [(b, 0.6) for b in TOP_P_BACKENDS])
+def test_set_top_p_matches_reference(backend, p):
+    """The layer routes exactly as reference.route(..., top_p=p) on its input ('cpu' falls back
+    to torch routing, its experts stay on C++)."""
+    model = _stack(backend)
+    x = torch.randn(48, 32)
+    assert ak.set_top_p(model, p) is model
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+             for layer in adamoe_layers(model)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    for layer, inp in zip(adamoe_layers(model), inputs):
+        assert layer.top_p == p
+        logits = layer.router(inp).float()
+        r = ak.reference.route(logits, 4, 4, top_p=p)
+        assert float(layer.last_load) == pytest.approx(float(r.load()))
+        y_ref = ak.reference.moe_mlp(inp, layer.gate_up_proj, layer.down_proj, r)
+        torch.testing.assert_close(layer(inp), y_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_set_top_p_load_falls_and_none_restores():
+    model = _stack()
+    x = torch.randn(128, 32)
+    y_plain = model(x)
+    plain = [float(layer.last_load) for layer in adamoe_layers(model)]
+    loads = []
+    for p in (1.0, 0.9, 0.7, 0.5, 0.3, 0.1):
+        ak.set_top_p(model, p)
+        model(x)
+        loads.append(sum(float(layer.last_load) for layer in adamoe_layers(model)) / 2)
+    assert all(a >= b for a, b in zip(loads, loads[1:])), loads
+    assert loads[-1] < 0.5 * loads[0], loads
+    assert loads[0] == pytest.approx(sum(plain) / 2)  # p = 1 keeps the whole top-k
+    ak.set_top_p(model, None)
+    assert all(layer.top_p is None for layer in adamoe_layers(model))
+    torch.testing.assert_close(model(x), y_plain)
+    assert [float(layer.last_load) for layer in adamoe_layers(model)] == plain
+
+
+def test_set_top_p_combines_with_the_dial():
+    """The null bias picks the top-k, top-p then truncates it: load below either alone."""
+    block = _stack()[0].block
+    x = torch.randn(128, 32)
+    block.null_bias.fill_(0.5)
+    ak.set_top_p(block, 0.6)
+    block(x)
+    bias = torch.cat([torch.zeros(4), torch.full((8,), 0.5)])
+    r = ak.reference.route(block.last_router_logits, 4, 4, top_p=0.6, selection_bias=bias)
+    assert float(block.last_load) == pytest.approx(float(r.load()))
+    ak.load_control.reset_null_bias(block)
+    assert float(block.null_bias) == 0.0
+
+
+@pytest.mark.parametrize("bad,err", [(0.0, ValueError), (1.5, ValueError), (-0.2, ValueError),
+                                     (float("nan"), ValueError), (True, TypeError),
+                                     ("0.5", TypeError)])
+def test_set_top_p_rejects_bad_p(bad, err):
+    model = _stack()
+    with pytest.raises(err, match="top_p"):
+        ak.set_top_p(model, bad)
+    assert all(layer.top_p is None for layer in adamoe_layers(model))
+
+
+def test_set_top_p_errors_on_models_without_top_p():
+    with pytest.raises(ValueError, match="no AdaMoE layers"):
+        ak.set_top_p(nn.Linear(4, 4), 0.5)
+
+    class Custom(nn.Module):  # has a load dial, no top-p
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("null_bias", torch.zeros(()))
+            self.last_load = torch.zeros(())
+
+    with pytest.raises(TypeError, match="no top_p attribute"):
+        ak.set_top_p(Custom(), 0.5)
+
+
+def test_set_top_p_survives_save_and_reload(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, experts_implementation="eager")
+    model = ak.convert_model(transformers.MixtralForCausalLM(cfg), num_null_experts=4, top_k=3,
+                             backend="torch")
+    ak.set_top_p(model, 0.7)
+    assert model.config.adamoe["top_p"] == 0.7
+    ids = torch.randint(0, 64, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = ak.from_pretrained(tmp_path / "ckpt", backend="torch").eval()
+    assert [layer.top_p for layer in adamoe_layers(loaded)] == [0.7, 0.7]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, logits)
+    ak.set_top_p(loaded, None)
+    assert "top_p" not in loaded.config.adamoe
+    assert all(layer.top_p is None for layer in adamoe_layers(loaded))

@@ -15,8 +15,8 @@ How a model is changed (``convert_model``), keeping every parameter name of the 
   loss in ``.aux_loss`` (``ak.null_aware_aux_loss``, added to ``.loss`` times
   ``router_aux_loss_coef`` when ``labels`` are given, as transformers does) and the ``[T, n+m]``
   router logits in ``.router_logits``;
-* ``config.adamoe`` records what was done, so ``save_pretrained`` + ``ak.from_pretrained``
-  rebuilds the same model (the subclass re-applies the change in ``__init__``, then transformers
+* ``config.adamoe`` records what was done (and the ``top_p`` set by ``ak.set_top_p``), so
+  ``save_pretrained`` + ``ak.from_pretrained`` rebuilds the same model (the subclass re-applies the change in ``__init__``, then transformers
   loads the weights as usual).
 
 transformers is imported lazily: ``import adamoe_kernels`` works without it.
@@ -319,6 +319,7 @@ def _convert_blocks(model: nn.Module, info: dict) -> None:
             jitter_noise=jitter, shared_expert=getattr(block, "shared_expert", None),
             shared_expert_gate=getattr(block, "shared_expert_gate", None),
             backend=info.get("backend"))
+        new.top_p = info.get("top_p")  # ak.set_top_p records it in config.adamoe
         new.train(block.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -404,6 +405,7 @@ def _insert_mo_lora(model: nn.Module, info: dict) -> None:
             linear, num_experts=info["num_experts"], num_null_experts=info["num_null_experts"],
             top_k=info["top_k"], rank=info["rank"], alpha=info["alpha"],
             normalize=info["normalize"], backend=info.get("backend"))
+        layer.top_p = info.get("top_p")  # ak.set_top_p records it in config.adamoe
         layer.train(linear.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
