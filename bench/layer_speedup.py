@@ -36,7 +36,7 @@ GPU_QUICK_SHAPES = [("mixtral-half", 2048, 7168)]
 CPU_SHAPES = [("cpu", 1024, 2816)]
 CPU_QUICK_SHAPES = [("cpu-quick", 512, 1408)]
 GPU_TOKENS, GPU_QUICK_TOKENS = [512, 4096, 16384], [4096]
-CPU_TOKENS, CPU_QUICK_TOKENS = [512], [256]
+CPU_TOKENS, CPU_QUICK_TOKENS = [512, 2048], [256]
 
 
 def parse_args(argv=None):
@@ -264,7 +264,9 @@ def main(argv=None):
                 layer="router linear (fp32 logits + null bias) -> ak.route -> ak.moe_mlp",
                 reference="ak backend 'torch' (per-expert Python loop over torch ops, like HF eager)")
     out = common.output_dir(args, device)
-    stem = common.result_stem(SCRIPT, args.quick)
+    # bf16 (the default) keeps the plain name; other dtypes get their own file.
+    suffix = "" if dtype == torch.bfloat16 else "_" + str(dtype).removeprefix("torch.")
+    stem = common.result_stem(SCRIPT + suffix, args.quick)
     path = common.write_results(out, stem, meta, rows)
     png = None if args.no_plot else plot(rows, meta, out / f"{stem}.png")
     print(f"\n{meta['device_name']} | backend {backend} | {meta['dtype']} | torch {meta['torch']}\n")

@@ -153,6 +153,35 @@ def finetune_table(payload) -> list[str]:
     return out
 
 
+def load_dial_table(payload) -> list[str]:
+    m = payload["meta"]
+    info, s = m.get("adamoe", {}), m.get("model_sizes", {})
+    evals = ((m.get("model_source") or {}).get("finetune_summary") or {}).get("eval_loss", {})
+    rows = payload["rows"]
+    nat = next((r for r in rows if r["sweep"] == "natural"), None)
+    head = (f"Tiny fine-tuned AdaMoE Mixtral (m={info.get('num_null_experts')}, "
+            f"k={info.get('top_k')}, n={info.get('num_experts')}, H={s.get('hidden')}, "
+            f"{s.get('layers')} layers; {m.get('eval_tokens')} held-out tokens; forward of "
+            f"{m.get('tokens_per_timed_batch')} tokens)")
+    if evals.get("base_top2") is not None:
+        head += f"; the top-2 base model before fine-tuning: eval loss {_f(evals['base_top2'], 3)}"
+    if evals.get("top2_finetuned") is not None:
+        head += f", top-2 fine-tuned on the same batches: {_f(evals['top2_finetuned'], 3)}"
+    out = [head + ":", "",
+           "| point | L reached | eval loss | Δ loss vs as-trained | fwd ms | speedup vs as-trained |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    names = {"natural": "as trained (bias 0)", "top2_same_weights": "top-2, null experts removed"}
+    for r in rows:
+        label = names.get(r["sweep"]) or (f"dial L*={r['target_load']:g}" if r["sweep"] == "load_dial"
+                                          else f"top-p {r['top_p']:g}")
+        delta = r["eval_loss"] - nat["eval_loss"] if nat else None
+        out.append(f"| {label} | {_f(r['load'])} | {_f(r['eval_loss'], 3)} | "
+                   f"{'-' if delta is None else f'{delta:+.3f}'} | {_f(r.get('fwd_ms'), 1)} | "
+                   f"{_x(r.get('speedup_vs_natural'))} |")
+    out.append("")
+    return out
+
+
 def render(results: dict, repo_root: Path) -> str:
     if not results:
         return "_No results yet: run the scripts in `bench/`._\n"
@@ -160,8 +189,8 @@ def render(results: dict, repo_root: Path) -> str:
              "speedup = t(top-2) / t(AdaMoE at load L), ideal 2/L; see `docs/benchmarks.md`)", ""]
     for device, scripts in sorted(results.items()):
         lines += [f"#### {device}", ""]
-        if "layer_speedup" in scripts:
-            p = scripts["layer_speedup"]
+        for name in sorted(k for k in scripts if k.startswith("layer_speedup")):
+            p = scripts[name]
             lines += [f"Layer speedup over top-2 — {_source(p, repo_root)}:", ""] + layer_table(p)
         if "kernels" in scripts:
             p = scripts["kernels"]
@@ -175,6 +204,10 @@ def render(results: dict, repo_root: Path) -> str:
                 bits.append("expert weights frozen")
             what = f" ({', '.join(bits)})" if bits else ""
             lines += [f"Training step{what} — {_source(p, repo_root)}:", ""] + finetune_table(p)
+        if "load_dial" in scripts:
+            p = scripts["load_dial"]
+            lines += [f"Load dial and top-p at inference (`bench/load_dial.py`) — "
+                      f"{_source(p, repo_root)}:", ""] + load_dial_table(p)
     return "\n".join(lines).rstrip() + "\n"
 
 
