@@ -70,7 +70,38 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: keep glibc's default allocator settings (by default a script run re-execs "
+                        "itself with common.CPU_MALLOC_ENV so freed memory is reused; see docs/benchmarks.md)")
     return p
+
+
+# glibc malloc settings for CPU timings: serve every allocation from the heap (no mmap) and never
+# give freed memory back, so a buffer freed by one call is reused by the next. Without them each
+# large buffer (weight gradients: hundreds of MB) is a fresh mmap whose first touch page-faults and
+# is zeroed by the kernel -- a fixed cost per call, equal for every implementation, that the
+# interleaved timings of many settings make erratic (the heap state depends on what ran before).
+# The same effect as the jemalloc/tcmalloc preload that PyTorch's CPU tuning guides recommend.
+CPU_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
+                  "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
+def reexec_with_cpu_malloc(argv: Sequence[str] | None = None) -> None:
+    """Run as a script on CPU: re-exec once with ``CPU_MALLOC_ENV`` (glibc reads it at start).
+
+    Skipped with ``--system-malloc``, on a CUDA device, when the variables are already set, and
+    off Linux. The settings in effect are recorded in every JSON (``malloc_env``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--system-malloc" in argv or not sys.platform.startswith("linux"):
+        return
+    dev = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--device"), "auto")
+    if dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available()):
+        return
+    if all(os.environ.get(k) == v for k, v in CPU_MALLOC_ENV.items()):
+        return
+    env = dict(os.environ, **CPU_MALLOC_ENV)
+    os.execve(sys.executable, [sys.executable, sys.argv[0], *argv], env)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,6 +200,7 @@ def environment(device: torch.device, dtype: torch.dtype, backend: str) -> dict:
         env["cpu_threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
         env["timer"] = "time.perf_counter (median)"
+        env["malloc_env"] = {k: os.environ.get(k) for k in CPU_MALLOC_ENV}
         if "busy_cores_at_start" in _STATE:
             env["busy_cores_at_start"] = _STATE["busy_cores_at_start"]
         try:

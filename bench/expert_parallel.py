@@ -235,4 +235,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    common.reexec_with_cpu_malloc()
     main()

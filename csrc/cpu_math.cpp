@@ -411,6 +411,15 @@ bool has_avx512() {
 #endif
 }
 
+bool is_intel() {
+#if ADAMOE_X86_AVX512
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 void silu_mul(const float* g, const float* u, float* h, int64_t n) {
 #if ADAMOE_X86_AVX512
   if (has_avx512()) return silu_mul_avx512(g, u, h, n);

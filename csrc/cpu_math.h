@@ -43,6 +43,9 @@ inline void convert(const float* src, float* dst, int64_t n) {
 // True when the AVX-512 versions run on this CPU (and ADAMOE_CPU_PORTABLE is not set).
 bool has_avx512();
 
+// True on an Intel CPU (whose MKL sgemm has AVX-512 paths); picks the GEMM crossover points.
+bool is_intel();
+
 // h[i] = silu(g[i]) * u[i]
 void silu_mul(const float* g, const float* u, float* h, int64_t n);
 
