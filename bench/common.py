@@ -414,6 +414,20 @@ def write_results(out_dir: Path, stem: str, meta: dict, rows: list[dict], **extr
     return path
 
 
+def save_results(args, out_dir: Path, stem: str, meta: dict, rows: list[dict], plot_fn,
+                 tables: Sequence[tuple[list[dict], list]], header: str = "", **extra) -> dict:
+    """The end of every script: ``<stem>.json`` (+ ``<stem>.png`` by ``plot_fn(rows, meta, path)``
+    unless ``--no-plot``), a header line and markdown ``tables`` (``(rows, columns)`` pairs) on
+    stdout. Returns ``{"json", "png", "meta", "rows", **extra}``."""
+    path = write_results(out_dir, stem, meta, rows, **extra)
+    png = None if args.no_plot else plot_fn(rows, meta, Path(out_dir) / f"{stem}.png")
+    print(f"\n{meta['device_name']} | backend {meta.get('backend')} | {meta['dtype']} | "
+          f"torch {meta['torch']}{' | ' + header if header else ''}\n")
+    print("\n\n".join(markdown_table(t_rows, cols) for t_rows, cols in tables))
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return {"json": path, "png": png, "meta": meta, "rows": rows, **extra}
+
+
 def _json_default(obj):
     if isinstance(obj, torch.dtype):
         return str(obj).replace("torch.", "")

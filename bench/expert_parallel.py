@@ -225,13 +225,10 @@ def main(argv=None):
         pass
     out = common.output_dir(args, device)
     stem = common.result_stem(SCRIPT, args.quick)
-    path = common.write_results(out, stem, meta, rows)
-    png = None if args.no_plot else plot(rows, meta, out / f"{stem}.png")
     cols = [("config", "config"), ("load_measured", "L"), ("rows_sent_total", "rows sent"),
             ("bytes_sent_total", "bytes sent"), ("bytes_null_padded_total", "bytes, nulls shipped"),
             ("fwd_ms", "fwd ms"), ("fwdbwd_ms", "fwd+bwd ms")]
-    print(common.markdown_table(rows, cols))
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    common.save_results(args, out, stem, meta, rows, plot, [(rows, cols)])
 
 
 if __name__ == "__main__":

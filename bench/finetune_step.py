@@ -347,13 +347,8 @@ def main(argv=None):
         "_convert_model" if args.impl == "convert_model" and args.model == "mixtral" else "") + (
         "_frozen_experts" if args.freeze_experts else "")
     stem = common.result_stem(SCRIPT + variant, args.quick)
-    path = common.write_results(out, stem, meta, rows)
-    png = None if args.no_plot else plot(rows, meta, out / f"{stem}.png")
-    print(f"\n{meta['device_name']} | backend {backend} | {meta['dtype']} | torch {meta['torch']} | "
-          f"{size_key} {s}\n")
-    print(common.markdown_table(rows, TABLE_COLUMNS))
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
-    return {"json": path, "png": png, "meta": meta, "rows": rows}
+    return common.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)],
+                               header=f"{size_key} {s}")
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def hf_experts(implementation, H, I, n, gate_up, down):
 
 def make_impls(names, r, num_true, x, params, H, I, device, dtype):
     """``{name: (fn(x, gate_up, down, weights) -> y, None)}`` or ``{name: (None, why skipped)}``."""
-    n, k = NUM_EXPERTS, r.topk_ids.shape[1]
+    n = NUM_EXPERTS
     sentinel_ids = torch.where(r.topk_ids < n, r.topk_ids, torch.full_like(r.topk_ids, n)).long()
     out = {}
     for name in names:
@@ -413,15 +413,9 @@ def main(argv=None):
                 grouped_mm=_grouped_mm_fn()[1])
     out = common.output_dir(args, device)
     stem = common.result_stem(SCRIPT, args.quick)
-    path = common.write_results(out, stem, meta, rows, sync_check=sync, skipped=skipped)
-    png = None if args.no_plot else plot(rows, meta, out / f"{stem}.png")
-    print(f"\n{meta['device_name']} | backend {backend} | {meta['dtype']} | torch {meta['torch']}\n")
-    print(common.markdown_table(route_rows, ROUTE_COLUMNS))
-    print()
-    print(common.markdown_table(gemm_rows, GEMM_COLUMNS))
-    print(f"\nhost-sync check: {sync}")
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
-    return {"json": path, "png": png, "meta": meta, "rows": rows, "sync_check": sync, "skipped": skipped}
+    return common.save_results(args, out, stem, meta, rows, plot,
+                               [(route_rows, ROUTE_COLUMNS), (gemm_rows, GEMM_COLUMNS)],
+                               header=f"host-sync check: {sync}", sync_check=sync, skipped=skipped)
 
 
 if __name__ == "__main__":

@@ -267,12 +267,7 @@ def main(argv=None):
     # bf16 (the default) keeps the plain name; other dtypes get their own file.
     suffix = "" if dtype == torch.bfloat16 else "_" + str(dtype).removeprefix("torch.")
     stem = common.result_stem(SCRIPT + suffix, args.quick)
-    path = common.write_results(out, stem, meta, rows)
-    png = None if args.no_plot else plot(rows, meta, out / f"{stem}.png")
-    print(f"\n{meta['device_name']} | backend {backend} | {meta['dtype']} | torch {meta['torch']}\n")
-    print(common.markdown_table(rows, TABLE_COLUMNS))
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
-    return {"json": path, "png": png, "meta": meta, "rows": rows}
+    return common.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)])
 
 
 if __name__ == "__main__":

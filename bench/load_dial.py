@@ -435,13 +435,9 @@ def main(argv=None):
                      "is not a trained top-2 model's)")
     out = common.output_dir(args, device)
     stem = common.result_stem(SCRIPT, args.quick)
-    path = common.write_results(out, stem, meta, rows)
-    png = None if args.no_plot else plot(rows, meta, out / f"{stem}.png")
-    print(f"\n{meta['device_name']} | backend {backend} | {meta['dtype']} | torch {meta['torch']} | "
-          f"{setup['model_source']['kind']} | {setup['total_seconds']:.0f} s\n")
-    print(common.markdown_table(rows, TABLE_COLUMNS))
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
-    return {"json": path, "png": png, "meta": meta, "rows": rows}
+    return common.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)],
+                               header=f"{setup['model_source']['kind']} | "
+                                      f"{setup['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
