@@ -392,8 +392,10 @@ ADAMOE_AVX512 void gemm_tn_avx512(const float* A, int64_t lda, const float* B, i
         }
       }
     }
+    // Streaming stores are weakly ordered: each thread fences its own before the parallel
+    // region's join publishes C to the caller.
+    _mm_sfence();
   });
-  _mm_sfence();  // the streaming stores are visible before C is read
 }
 
 #endif  // ADAMOE_X86_AVX512

@@ -26,7 +26,8 @@
 // output (the whole [2I, H] / [H, I] of the expert): for fp32 on AVX-512 they use
 // cpu_math::gemm_tn_small_k, which sums the r_e rows in registers and writes each output element
 // once with streaming stores (measured 1.1-2.4x faster than at::mm's MKL sgemm for 16-512 rows
-// per expert on the 2-core benchmark machine). The experts run one after the other; each GEMM and each
+// per expert on a 2-core AMD EPYC). Every phase of the backward is a torch.profiler scope
+// (adamoe_cpu::bwd_*). The experts run one after the other; each GEMM and each
 // elementwise pass is multithreaded inside (measured faster on few cores than experts in
 // parallel with single-threaded GEMMs, and it keeps every result independent of the thread count
 // up to the GEMM library's blocking).
@@ -66,7 +67,8 @@ constexpr int64_t kSmallGemmMaxRowsDx = 192;
 constexpr int64_t kSmallGemmMaxRowsNN = 512;  // not Intel: faster than MKL to 256 rows, even at 512
 // Largest expert row count for which the weight gradients use cpu_math::gemm_tn_small_k (fp32,
 // AVX-512). Measured faster than MKL's sgemm at every row count tried (16..512 rows, H=1024,
-// I=2816: 1.1-1.7x on one thread); far above that a packed GEMM should win, so MKL takes over.
+// I=2816, AMD EPYC: 1.1-1.7x on one thread, up to 2.4x on two; not yet measured on an Intel CPU);
+// far above that a packed GEMM should win, so MKL takes over.
 constexpr int64_t kSmallGemmMaxRowsW = 1024;
 // Rows x columns of one tile of the transposed-layout backward elementwise pass.
 constexpr int64_t kTileRows = 16;
@@ -502,7 +504,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
                         gate_up_out.scalar_type() == hidden.scalar_type(),
                     "gate_up_out must be the [A, 2I] buffer moe_mlp_forward_cpu returned");
   const at::Tensor gu = gate_up_out.contiguous();
-  RECORD_FUNCTION("adamoe_cpu::bwd_alloc", std::vector<c10::IValue>());
   const auto [need_hidden, need_gate_up, need_down, need_w] = output_mask;
   const bool need_G = need_hidden || need_gate_up || need_w;
   auto opts = hidden.options();
