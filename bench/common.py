@@ -95,7 +95,8 @@ def reexec_with_cpu_malloc(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--system-malloc" in argv or not sys.platform.startswith("linux"):
         return
-    dev = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--device"), "auto")
+    dev = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--device"), None)
+    dev = dev or next((a.split("=", 1)[1] for a in argv if a.startswith("--device=")), "auto")
     if dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available()):
         return
     if all(os.environ.get(k) == v for k, v in CPU_MALLOC_ENV.items()):

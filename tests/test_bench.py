@@ -157,6 +157,25 @@ def test_load_dial(tmp_path):
     assert rows2[0]["eval_loss"] == pytest.approx(nat["eval_loss"], abs=1e-5)  # same model, same data
 
 
+def test_reexec_with_cpu_malloc(monkeypatch):
+    """Script runs on CPU re-exec once with the allocator settings; never when opted out, already
+    set, or on CUDA."""
+    calls = []
+    monkeypatch.setattr(common.os, "execve", lambda exe, args, env: calls.append((args, env)))
+    for k in common.CPU_MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    common.reexec_with_cpu_malloc(["--quick", "--device", "cpu"])
+    assert len(calls) == 1 and calls[0][0][-3:] == ["--quick", "--device", "cpu"]
+    assert all(calls[0][1][k] == v for k, v in common.CPU_MALLOC_ENV.items())
+    common.reexec_with_cpu_malloc(["--device=cpu", "--system-malloc"])
+    common.reexec_with_cpu_malloc(["--device", "cuda"])
+    common.reexec_with_cpu_malloc(["--device=cuda:1"])
+    for k, v in common.CPU_MALLOC_ENV.items():
+        monkeypatch.setenv(k, v)
+    common.reexec_with_cpu_malloc(["--device", "cpu"])
+    assert len(calls) == 1
+
+
 def test_make_readme_table(tmp_path, capsys):
     res = layer_speedup.main(FAST + ["--hidden", "32", "--intermediate", "64", "--tokens", "64",
                                      "--loads", "1.0", "--no-backward", "--no-reference", "--no-plot",
