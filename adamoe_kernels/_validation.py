@@ -62,6 +62,16 @@ def check_finite(name: str, x: torch.Tensor, force: bool = False) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_top_p(top_p) -> None:
+    """``top_p``: ``None`` (plain top-k) or a float in ``(0, 1]``."""
+    if top_p is None:
+        return
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+        raise TypeError(f"top_p must be a float in (0, 1] or None, got {type(top_p).__name__}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (or None to turn top-p off), got {top_p}")
+
+
 def check_route_args(router_logits, top_k, num_experts, normalize, check_finite_values=None, *,
                      top_p=None, selection_bias=None) -> None:
     check_tensor("router_logits", router_logits, ndim=2, dtypes=SUPPORTED_FLOAT_DTYPES)
@@ -75,11 +85,7 @@ def check_route_args(router_logits, top_k, num_experts, normalize, check_finite_
     if top_k > total:
         raise ValueError(f"top_k ({top_k}) must be <= n+m = router_logits.shape[1] ({total})")
     check_choice("normalize", normalize, NORMALIZE_MODES)
-    if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
-            raise TypeError(f"top_p must be a float, got {type(top_p).__name__}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_top_p(top_p)
     if selection_bias is not None:
         check_tensor("selection_bias", selection_bias, ndim=1, dtypes=SUPPORTED_FLOAT_DTYPES)
         if selection_bias.shape[0] != total:

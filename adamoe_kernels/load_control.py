@@ -28,6 +28,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ._validation import check_top_p
+
 BIAS_LIMIT = 30.0  # |null_bias| beyond this changes no routing decision in fp32 softmax
 
 
@@ -114,15 +116,6 @@ def reset_null_bias(model: nn.Module) -> None:
         layer.null_bias.zero_()
 
 
-def _check_top_p(top_p) -> None:
-    if top_p is None:
-        return
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
-        raise TypeError(f"top_p must be a float in (0, 1] or None, got {type(top_p).__name__}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None to turn top-p off), got {top_p}")
-
-
 def set_top_p(model: nn.Module, top_p: float | None) -> nn.Module:
     """Route every AdaMoE layer of ``model`` with top-p over its top-k; ``None`` turns it off.
 
@@ -145,7 +138,7 @@ def set_top_p(model: nn.Module, top_p: float | None) -> nn.Module:
     AdaMoE layers, and for a layer that has a load dial but no ``top_p`` attribute (a custom
     layer that does not implement top-p). Returns ``model``.
     """
-    _check_top_p(top_p)
+    check_top_p(top_p)
     layers = _layers_or_raise(model)
     unsupported = [type(layer).__name__ for layer in layers if not hasattr(layer, "top_p")]
     if unsupported:
