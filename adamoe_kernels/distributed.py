@@ -40,9 +40,9 @@ from torch import nn
 
 from ._validation import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, check_choice,
                           check_int, check_tensor)
-from .load_control import null_selection_bias
 from .moe import moe_mlp
-from .routing import Routing, route
+from .modules import route_with_null_bias
+from .routing import Routing
 
 __all__ = ["DispatchStats", "ExpertParallelMoE", "combine"]
 
@@ -279,18 +279,9 @@ class ExpertParallelMoE(nn.Module):
         return None if self.last_stats is None else self.last_stats.bytes_sent
 
     def _route(self, x: torch.Tensor) -> Routing:
-        logits = self.router(x)
-        n, m = self.num_experts, self.num_null_experts
-        bias = None
-        # Null bias 0 routes exactly as no bias; skip it on CPU (free check) so the fused cpu
-        # routing can run; on other devices pass it always (no host sync).
-        if m > 0 and (self.null_bias.device.type != "cpu" or bool(self.null_bias != 0)):
-            bias = null_selection_bias(n, m, self.null_bias)
-        backend, top_p = self.backend, getattr(self, "top_p", None)
-        if (bias is not None or top_p is not None) and backend == "cpu":
-            backend = "torch"  # the C++ routing has no selection bias / top-p
-        return route(logits, self.top_k, n, self.normalize, top_p=top_p, selection_bias=bias,
-                     backend=backend)
+        # The same load dial and top-p as the single-process layers (ak.load_control).
+        return route_with_null_bias(self.router(x), self.top_k, self.num_experts, self.normalize,
+                                    self.null_bias, self.backend, top_p=getattr(self, "top_p", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T_local, H]`` -> ``[T_local, H]``; a collective: every rank of the group calls it."""
