@@ -188,6 +188,11 @@ def router_stats(model, k):
     return out
 
 
+def load_targets(args, k: int) -> list[float]:
+    """The load-dial targets, clipped to ``<= k``, highest first (duplicates after clipping merged)."""
+    return sorted({min(float(L), float(k)) for L in (args.loads or LOADS)}, reverse=True)
+
+
 def sweep(args, model, info, eval_data, calib, batch_size, backend, bar):
     """The points: natural, load dial, top-p. Each row keeps the dial state it was measured at."""
     k = info["top_k"]
@@ -205,7 +210,7 @@ def sweep(args, model, info, eval_data, calib, batch_size, backend, bar):
     add({"sweep": "natural", "label": "natural", "target_load": None, "top_p": None})
     rows[0]["router_stats"] = router_stats(model, k)  # of the timed batch
 
-    targets = sorted({min(float(L), float(k)) for L in (args.loads or LOADS)}, reverse=True)
+    targets = load_targets(args, k)
     tol = max(0.02, common.load_tolerance(calib.numel()))
     for L in targets:
         reset_null_bias(model)
@@ -302,13 +307,11 @@ def run(args):
     eval_data, calib = eval_data.to(device), calib.to(device)
 
     k = info["top_k"]
-    n_points = 1 + len({min(float(L), float(k)) for L in (args.loads or LOADS)}) + \
-        len(args.top_p or TOP_PS)
+    n_points = 1 + len(load_targets(args, k)) + len(args.top_p or TOP_PS)
     warmup = args.warmup if args.warmup is not None else 1
     reps = common.reps_for(args, device, quick_default=5, full_default=7)
     n_fns = n_points + (0 if args.no_top2 else 1)
-    bar = common.progress_bar(n_points + (0 if args.no_top2 else 1)
-                              + common.bench_rounds(n_fns, device, warmup, reps),
+    bar = common.progress_bar(n_fns + common.bench_rounds(n_fns, device, warmup, reps),
                               desc=SCRIPT, disable=args.no_progress)
     rows, timing_batch = sweep(args, model, info, eval_data, calib, batch_size, backend, bar)
     top2 = top2_row = None
