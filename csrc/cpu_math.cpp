@@ -34,11 +34,12 @@ constexpr int kGemmNR = 6;
 constexpr int64_t kGemmKC = 1024;
 
 // Small-M NN GEMM blocking: MR rows of A x NRV 16-wide column vectors of B per micro-kernel
-// (24 zmm accumulators kept across a K chunk of KC rows of B, then added into C). A short K chunk
-// keeps the number of B row streams small enough for the hardware prefetcher.
+// (24 zmm accumulators kept across a K chunk of KC rows of B, then added into C). The B chunk of a
+// column block (KC x 16*NRV floats, 48 KiB) is prefetched into L2 while the previous one computes:
+// B is streamed once from memory, and at few rows its latency, not the FMAs, bounds the kernel.
 constexpr int kNnMR = 4;
 constexpr int kNnNRV = 6;
-constexpr int64_t kNnKC = 64;
+constexpr int64_t kNnKC = 128;
 
 // Small-K TN GEMM (weight gradients: C [M, N] = A^T @ B over an expert's K rows): MR rows of C x
 // NRV 16-wide vectors per micro-kernel (24 accumulators over the whole K); each task owns
@@ -241,11 +242,12 @@ ADAMOE_AVX512 void gemm_nt_avx512(const float* A, int64_t lda, const float* B, i
 }
 
 // C[MR, 16*NRV] (+)= A[MR, K] @ B[K, 16*NRV] (broadcast A, FMA with B rows); the last column
-// vector is masked by `last`.
+// vector is masked by `last`. With `pf`, each k-step also prefetches into L2 the NRV lines of
+// pf + k*ldb (the same rows of the thread's next column block).
 template <int MR, int NRV>
 ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nn_micro(
     const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
-    bool accumulate, __mmask16 last) {
+    bool accumulate, __mmask16 last, const float* pf) {
   const auto mask = [last](int j) { return j == NRV - 1 ? last : static_cast<__mmask16>(0xFFFF); };
   __m512 acc[MR][NRV];
   for (int i = 0; i < MR; ++i) {
@@ -255,6 +257,11 @@ ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nn_micro(
     }
   }
   for (int64_t k = 0; k < K; ++k) {
+    if (pf) {
+      for (int j = 0; j < NRV; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb + 16 * j), _MM_HINT_T1);
+      }
+    }
     __m512 b[NRV];
     for (int j = 0; j < NRV; ++j) b[j] = _mm512_maskz_loadu_ps(mask(j), B + k * ldb + 16 * j);
     for (int i = 0; i < MR; ++i) {
@@ -267,19 +274,21 @@ ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nn_micro(
   }
 }
 
-// All m-blocks of A against 16*NRV columns of B (one K chunk).
+// All m-blocks of A against 16*NRV columns of B (one K chunk). The first m-block prefetches
+// the K chunk of the thread's next column block (`pf`, nullable: at most 16*NRV columns wide).
 template <int NRV>
 ADAMOE_AVX512 void gemm_nn_column_block(const float* A, int64_t lda, const float* B, int64_t ldb,
                                         float* C, int64_t ldc, int64_t M, int64_t K,
-                                        bool accumulate, __mmask16 last) {
+                                        bool accumulate, __mmask16 last, const float* pf) {
   for (int64_t m = 0; m < M; m += kNnMR) {
     const float* a = A + m * lda;
     float* c = C + m * ldc;
+    const float* p = m == 0 ? pf : nullptr;
     switch (std::min<int64_t>(kNnMR, M - m)) {
-      case 4: gemm_nn_micro<4, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last); break;
-      case 3: gemm_nn_micro<3, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last); break;
-      case 2: gemm_nn_micro<2, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last); break;
-      default: gemm_nn_micro<1, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last); break;
+      case 4: gemm_nn_micro<4, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last, p); break;
+      case 3: gemm_nn_micro<3, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last, p); break;
+      case 2: gemm_nn_micro<2, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last, p); break;
+      default: gemm_nn_micro<1, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last, p); break;
     }
   }
 }
@@ -299,13 +308,23 @@ ADAMOE_AVX512 void gemm_nn_avx512(const float* A, int64_t lda, const float* B, i
         const float* a = A + k0;
         const float* bb = B + k0 * ldb + n;
         float* c = C + n;
+        // The thread's next work item: the next column block of this K chunk, else its first
+        // column block of the next K chunk. B rows are read from memory once (the m-blocks reuse
+        // them from L1), so fetching the next block while this one computes hides the latency.
+        // (Prefetches never fault, so a full-width one past a narrower last block is harmless.)
+        const float* pf = nullptr;
+        if (b + 1 < b1) {
+          pf = bb + kCols;
+        } else if (k0 + kc < K) {
+          pf = B + (k0 + kc) * ldb + b0 * kCols;
+        }
         switch (nv) {
-          case 6: gemm_nn_column_block<6>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
-          case 5: gemm_nn_column_block<5>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
-          case 4: gemm_nn_column_block<4>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
-          case 3: gemm_nn_column_block<3>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
-          case 2: gemm_nn_column_block<2>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
-          default: gemm_nn_column_block<1>(a, lda, bb, ldb, c, ldc, M, kc, acc, last); break;
+          case 6: gemm_nn_column_block<6>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 5: gemm_nn_column_block<5>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 4: gemm_nn_column_block<4>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 3: gemm_nn_column_block<3>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 2: gemm_nn_column_block<2>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          default: gemm_nn_column_block<1>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
         }
       }
     }
