@@ -126,10 +126,8 @@ def set_top_p(model: nn.Module, top_p: float | None) -> nn.Module:
     ``None``). With ``normalize="true"`` the kept true experts' weights are renormalised over the
     kept true slots.
 
-    Backends: ``triton`` and ``torch`` route with top-p natively. The C++ ``cpu`` backend has no
-    top-p, so a layer with ``backend="cpu"`` routes on the ``torch`` backend while top-p is set
-    (the routing only: the experts still run on the C++ kernels; the same fallback as the
-    ``null_bias`` dial).
+    Backends: ``triton``, the C++ ``cpu`` backend and ``torch`` all route with top-p (and the
+    ``null_bias`` dial) natively, in their own routing.
 
     On a model from ``ak.convert_model`` / ``ak.add_mo_lora`` the value is also recorded in
     ``config.adamoe["top_p"]``, so ``save_pretrained`` + ``ak.from_pretrained`` keep it.

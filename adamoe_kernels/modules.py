@@ -50,11 +50,9 @@ def route_with_null_bias(router_logits: torch.Tensor, top_k: int, num_experts: i
     and ``top_p`` (``None``: off) truncates each token's top-k to the prefix reaching that mass.
 
     A zero bias routes exactly like no bias; on CPU (where reading it is free) it is then left out
-    so the fused routing of every backend runs. On other devices, and while ``torch.compile``
-    traces, the bias is always passed (no host sync, no data-dependent branch).
-
-    The C++ ``cpu`` backend has neither a selection bias nor top-p: with either one the *routing*
-    of that call runs on the ``torch`` backend (the experts still run on ``backend``).
+    so the routing takes its plain path (no second, biased softmax). On other devices, and while
+    ``torch.compile`` traces, the bias is always passed (no host sync, no data-dependent branch).
+    Every backend (``triton``, the C++ ``cpu``, ``torch``) routes with the bias and top-p natively.
     """
     m = router_logits.shape[-1] - num_experts
     bias = None
@@ -62,8 +60,6 @@ def route_with_null_bias(router_logits: torch.Tensor, top_k: int, num_experts: i
         if (torch.compiler.is_compiling() or null_bias.device.type != "cpu"
                 or bool(null_bias != 0)):
             bias = null_selection_bias(num_experts, m, null_bias)
-    if (bias is not None or top_p is not None) and backend == "cpu":
-        backend = "torch"  # the C++ routing has no selection bias / top-p
     return route(router_logits, top_k, num_experts, normalize, top_p=top_p, selection_bias=bias,
                  backend=backend)
 

@@ -67,8 +67,9 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
         selection_bias: ``[n+m]`` float added to the logits only to *choose* the experts (the
             weights use the unbiased probabilities): the load dial (a bias on the null columns)
             and auxiliary-loss-free balancing.
-        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``_backend``. The cpu
-            backend has no top-p/selection bias: by default those calls use the torch backend.
+        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``_backend``. Every
+            backend does top-p and the selection bias natively (triton and cpu in their fused
+            routing).
         check_finite: also check for NaN/Inf on CUDA (costs a host sync). CPU always checks.
 
     Returns:
@@ -77,11 +78,6 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
     check_route_args(router_logits, top_k, num_experts, normalize, check_finite, top_p=top_p,
                      selection_bias=selection_bias)
     which = resolve_backend(backend, router_logits.device)
-    extended = top_p is not None or selection_bias is not None
-    if which == "cpu" and extended:
-        if backend == "cpu":
-            raise ValueError("backend='cpu' has no top_p/selection_bias; use 'triton' or 'torch'")
-        which = "torch"
     if which == "torch":
         from . import reference
 
@@ -90,7 +86,7 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
     if which == "cpu":
         from .ops.cpu import route_cpu
 
-        outs = route_cpu(router_logits, top_k, num_experts, normalize)
+        outs = route_cpu(router_logits, top_k, num_experts, normalize, top_p, selection_bias)
     else:
         from .ops.routing import route_triton
 

@@ -227,9 +227,8 @@ def sweep(args, model, info, eval_data, calib, batch_size, backend, bar):
         add({"sweep": "top_p", "label": f"p={p:g}", "target_load": None, "top_p": p})
     ak.set_top_p(model, None)
 
-    for r in rows:  # the C++ backend routes on torch while a bias or top-p is set (experts stay C++)
-        extended = r["top_p"] is not None or any(b != 0 for b in r["state"]["null_bias"])
-        r["routing_backend"] = "torch" if backend == "cpu" and extended else backend
+    for r in rows:  # every backend routes with the bias and top-p natively (C++ on cpu)
+        r["routing_backend"] = backend
     return rows, timing_batch
 
 

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 
 #include <array>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -32,12 +33,18 @@ NullKind parse_null_kind(const std::string& s);
 //   topk_ids int32 [T, k], topk_weights float32 [T, k], expert_counts int32 [n],
 //   expert_offsets int32 [n+1], sorted_slots int32 [T*k] (true slots grouped by expert, in slot
 //   order; then the null slots in slot order).
+// selection_bias [n+m] (optional, float; CPU): the experts are chosen on softmax(logits + bias),
+// the weights come from the unbiased softmax(logits). top_p (optional, in (0, 1]): slot j is kept
+// while the selection mass of slots 0..j-1 is below top_p; a dropped slot gets id n+m and
+// weight 0 and is sorted with the null slots. Semantics of adamoe_kernels/reference.py::route.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& router_logits, int64_t top_k, int64_t num_experts,
-    const std::string& normalize);
+    const std::string& normalize, std::optional<double> top_p,
+    const std::optional<at::Tensor>& selection_bias);
 
 // d topk_weights [T, k] -> d router_logits [T, n+m] (router_logits' dtype). The softmax and the
-// normalisation are recomputed from the logits; only topk_ids is needed besides.
+// normalisation are recomputed from the logits; only topk_ids is needed besides (ids n+m, slots
+// dropped by top-p, get no gradient; the selection bias has none either).
 at::Tensor route_backward_cpu(const at::Tensor& grad_topk_weights, const at::Tensor& router_logits,
                               const at::Tensor& topk_ids, int64_t num_experts,
                               const std::string& normalize);

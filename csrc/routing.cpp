@@ -1,6 +1,7 @@
-// Fused routing on CPU: fp32 softmax, top-k, null drop, normalisation, per-expert counts and a
-// stable counting sort of the flat slots t*k+j by true expert. Deterministic: every token block
-// counts on its own, one serial prefix over (expert, block) places the blocks, no atomics.
+// Fused routing on CPU: fp32 softmax, top-k (optionally chosen on softmax(logits + selection_bias)
+// and cut by top-p), null drop, normalisation, per-expert counts and a stable counting sort of
+// the flat slots t*k+j by true expert. Deterministic: every token block counts on its own, one
+// serial prefix over (expert, block) places the blocks, no atomics.
 #include "adamoe_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -9,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <vector>
 
 namespace adamoe {
 
@@ -46,6 +49,32 @@ void check_logits(const at::Tensor& logits, int64_t top_k, int64_t num_experts) 
                     total, "]");
 }
 
+// The messages follow adamoe_kernels/_validation.py (check_top_p, check_route_args).
+void check_top_p(double top_p) {
+  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0,
+                    "top_p must be in (0, 1] (or None to turn top-p off), got ", top_p);
+}
+
+// selection_bias [n+m] float (any of the three dtypes), on the logits' device (CPU), finite.
+// Returns it as a contiguous float32 tensor.
+at::Tensor check_selection_bias(const at::Tensor& bias, const at::Tensor& logits) {
+  TORCH_CHECK_TYPE(bias.scalar_type() == at::kFloat || bias.scalar_type() == at::kHalf ||
+                       bias.scalar_type() == at::kBFloat16,
+                   "selection_bias has dtype ", bias.scalar_type(),
+                   "; supported: float32, float16, bfloat16");
+  TORCH_CHECK_VALUE(bias.dim() == 1, "selection_bias must have 1 dimensions, got shape ",
+                    bias.sizes());
+  TORCH_CHECK_VALUE(bias.size(0) == logits.size(1), "selection_bias must have n+m = ",
+                    logits.size(1), " entries, got ", bias.size(0));
+  TORCH_CHECK_VALUE(bias.device() == logits.device(), "selection_bias is on ", bias.device(),
+                    " but router_logits is on ", logits.device());
+  at::Tensor b = bias.to(at::kFloat).contiguous();
+  const float* p = b.data_ptr<float>();
+  TORCH_CHECK_VALUE(std::all_of(p, p + b.numel(), [](float v) { return std::isfinite(v); }),
+                    "selection_bias contains NaN or Inf values");
+  return b;
+}
+
 // probs[c] = softmax(x)[c] in fp32 (max-subtracted, like torch.softmax).
 template <typename scalar_t>
 inline void softmax_row(const scalar_t* x, int64_t N, float* probs) {
@@ -60,13 +89,15 @@ inline void softmax_row(const scalar_t* x, int64_t N, float* probs) {
   for (int64_t c = 0; c < N; ++c) probs[c] *= inv;
 }
 
-// k rounds of argmax (strict >: ties go to the lower index) over a scratch copy of probs.
-inline void topk_row(const float* probs, int64_t N, int64_t k, float* scratch, int32_t* ids,
-                     float* vals) {
-  std::copy(probs, probs + N, scratch);
+// k rounds of argmax (strict >: ties go to the lower index) over a scratch copy of the selection
+// scores `select` (the probabilities themselves, or softmax(logits + selection_bias)): ids, vals =
+// the unbiased probs of those ids, and (if sel_vals) their selection scores, for the top-p mass.
+inline void topk_row(const float* select, const float* probs, int64_t N, int64_t k,
+                     float* scratch, int32_t* ids, float* vals, float* sel_vals) {
+  std::copy(select, select + N, scratch);
   for (int64_t j = 0; j < k; ++j) {
     int64_t best = 0;
-    float bv = -1.f;  // probabilities are >= 0; taken entries are set to -2
+    float bv = -1.f;  // scores are >= 0; taken entries are set to -2
     for (int64_t c = 0; c < N; ++c) {
       if (scratch[c] > bv) {
         bv = scratch[c];
@@ -75,16 +106,46 @@ inline void topk_row(const float* probs, int64_t N, int64_t k, float* scratch, i
     }
     ids[j] = static_cast<int32_t>(best);
     vals[j] = probs[best];
+    if (sel_vals) sel_vals[j] = select[best];
     scratch[best] = -2.f;
   }
 }
 
+// select[c] = softmax(x + bias)[c] in fp32: the scores that choose the experts when a selection
+// bias is given (x + bias rounded to fp32 first, like reference.route).
 template <typename scalar_t>
+inline void softmax_biased_row(const scalar_t* x, const float* bias, int64_t N, float* select) {
+  for (int64_t c = 0; c < N; ++c) select[c] = static_cast<float>(x[c]) + bias[c];
+  softmax_row(select, N, select);
+}
+
+// Top-p cut of one token's top-k: slot j stays while the selection mass of slots 0..j-1 is below
+// top_p; a dropped slot gets id N (= n+m, "no expert") and probability 0. The mass is computed as
+// reference.route does (torch.cumsum on CPU accumulates fp32 in double, rounds to fp32, then the
+// slot's own score is subtracted in fp32), so a boundary case decides the same way.
+inline void top_p_row(const float* sel_vals, int64_t N, int64_t k, float top_p, int32_t* ids,
+                      float* vals) {
+  double cum = 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    cum += sel_vals[j];
+    const float before = static_cast<float>(cum) - sel_vals[j];
+    if (!(before < top_p)) {
+      ids[j] = static_cast<int32_t>(N);
+      vals[j] = 0.f;
+    }
+  }
+}
+
+// kBias: choose on softmax(logits + bias); kTopP: cut by top_p. Both false is the plain path
+// (no extra work per token: the branches are compile-time).
+template <typename scalar_t, bool kBias, bool kTopP>
 void route_blocks(const scalar_t* logits, int64_t T, int64_t N, int64_t k, int64_t n,
-                  Normalize norm, int32_t* ids, float* weights, int64_t* block_counts) {
+                  Normalize norm, const float* bias, float top_p, int32_t* ids, float* weights,
+                  int64_t* block_counts) {
   const int64_t num_blocks = (T + kRouteBlockTokens - 1) / kRouteBlockTokens;
   at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> probs(N), scratch(N), vals(k);
+    std::vector<float> select(kBias ? N : 0), sel_vals(kTopP ? k : 0);
     for (int64_t b = b0; b < b1; ++b) {
       int64_t* cnt = block_counts + b * (n + 1);
       std::fill(cnt, cnt + n + 1, 0);
@@ -93,7 +154,14 @@ void route_blocks(const scalar_t* logits, int64_t T, int64_t N, int64_t k, int64
         softmax_row(logits + t * N, N, probs.data());
         int32_t* id = ids + t * k;
         float* w = weights + t * k;
-        topk_row(probs.data(), N, k, scratch.data(), id, vals.data());
+        const float* sel = probs.data();
+        if constexpr (kBias) {
+          softmax_biased_row(logits + t * N, bias, N, select.data());
+          sel = select.data();
+        }
+        topk_row(sel, probs.data(), N, k, scratch.data(), id, vals.data(),
+                 kTopP ? sel_vals.data() : nullptr);
+        if constexpr (kTopP) top_p_row(sel_vals.data(), N, k, top_p, id, vals.data());
         float denom = 0.f;
         for (int64_t j = 0; j < k; ++j) {
           if (norm == Normalize::kAll || id[j] < n) denom += vals[j];
@@ -116,9 +184,13 @@ void route_blocks(const scalar_t* logits, int64_t T, int64_t N, int64_t k, int64
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& router_logits, int64_t top_k, int64_t num_experts,
-    const std::string& normalize) {
+    const std::string& normalize, std::optional<double> top_p,
+    const std::optional<at::Tensor>& selection_bias) {
   check_logits(router_logits, top_k, num_experts);
   const Normalize norm = parse_normalize(normalize);
+  if (top_p.has_value()) check_top_p(*top_p);
+  at::Tensor bias;
+  if (selection_bias.has_value()) bias = check_selection_bias(*selection_bias, router_logits);
   const at::Tensor logits = router_logits.contiguous();
   const int64_t T = logits.size(0), N = logits.size(1), k = top_k, n = num_experts;
   TORCH_CHECK_VALUE(T * k < std::numeric_limits<int32_t>::max(), "T*k must fit in int32");
@@ -134,9 +206,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
   const int64_t num_blocks = (T + kRouteBlockTokens - 1) / kRouteBlockTokens;
   std::vector<int64_t> block_counts(std::max<int64_t>(num_blocks, 1) * (n + 1), 0);
   int32_t* id_ptr = ids.data_ptr<int32_t>();
+  const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  // top_p is compared in fp32, as reference.route's fp32 tensor against the Python float.
+  const float tp = top_p.has_value() ? static_cast<float>(*top_p) : 2.f;
   ADAMOE_DISPATCH_FLOAT(logits.scalar_type(), "route_cpu", [&] {
-    route_blocks<scalar_t>(logits.data_ptr<scalar_t>(), T, N, k, n, norm, id_ptr,
-                           weights.data_ptr<float>(), block_counts.data());
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    float* w = weights.data_ptr<float>();
+    int64_t* bc = block_counts.data();
+    if (bias_ptr != nullptr && top_p.has_value()) {
+      route_blocks<scalar_t, true, true>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc);
+    } else if (bias_ptr != nullptr) {
+      route_blocks<scalar_t, true, false>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc);
+    } else if (top_p.has_value()) {
+      route_blocks<scalar_t, false, true>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc);
+    } else {
+      route_blocks<scalar_t, false, false>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc);
+    }
   });
 
   // Pass 2 (serial, (n+1) x num_blocks): each block's first position inside each bucket. Buckets
@@ -186,13 +271,14 @@ void route_backward_rows(const float* grad_w, const scalar_t* logits, const int3
       softmax_row(logits + t * N, N, probs.data());
       const int32_t* id = ids + t * k;
       const float* g = grad_w + t * k;
-      // d topk_probs from d weights (normalisation derivative).
+      // d topk_probs from d weights (normalisation derivative). A slot dropped by top-p (id N)
+      // has the constant probability 0: it is in no set and gets no gradient.
       float denom = 0.f;
       for (int64_t j = 0; j < k; ++j) {
-        if (norm == Normalize::kAll || id[j] < n) denom += probs[id[j]];
+        if (id[j] < N && (norm == Normalize::kAll || id[j] < n)) denom += probs[id[j]];
       }
       if (norm == Normalize::kNone) {
-        for (int64_t j = 0; j < k; ++j) dq[j] = g[j];
+        for (int64_t j = 0; j < k; ++j) dq[j] = id[j] < N ? g[j] : 0.f;
       } else if (norm == Normalize::kTrue && !(denom > 0.f)) {
         // All-null token: weights are constant zero, so is their gradient.
         std::fill(dq.begin(), dq.end(), 0.f);
@@ -200,10 +286,12 @@ void route_backward_rows(const float* grad_w, const scalar_t* logits, const int3
         // w_j = q_j / S over the normalised set => dq_j = (g_j - sum_i g_i w_i) / S on the set.
         float dot = 0.f;
         for (int64_t j = 0; j < k; ++j) {
-          if (norm == Normalize::kAll || id[j] < n) dot += g[j] * (probs[id[j]] / denom);
+          if (id[j] < N && (norm == Normalize::kAll || id[j] < n)) {
+            dot += g[j] * (probs[id[j]] / denom);
+          }
         }
         for (int64_t j = 0; j < k; ++j) {
-          const bool in_set = norm == Normalize::kAll || id[j] < n;
+          const bool in_set = id[j] < N && (norm == Normalize::kAll || id[j] < n);
           dq[j] = in_set ? (g[j] - dot) / denom : 0.f;
         }
       }
@@ -211,6 +299,7 @@ void route_backward_rows(const float* grad_w, const scalar_t* logits, const int3
       std::fill(dprobs.begin(), dprobs.end(), 0.f);
       float pdp = 0.f;
       for (int64_t j = 0; j < k; ++j) {
+        if (id[j] == N) continue;
         dprobs[id[j]] += dq[j];
         pdp += probs[id[j]] * dq[j];
       }
@@ -243,8 +332,9 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_topk_weights, const at::Ten
   {
     const int32_t* p = ids.data_ptr<int32_t>();
     const auto [mn, mx] = std::minmax_element(p, p + ids.numel());
-    TORCH_CHECK_VALUE(ids.numel() == 0 || (*mn >= 0 && *mx < N), "topk_ids must be in [0, ", N,
-                      ")");
+    // N (= n+m) marks a slot dropped by top-p.
+    TORCH_CHECK_VALUE(ids.numel() == 0 || (*mn >= 0 && *mx <= N), "topk_ids must be in [0, ", N,
+                      "] (", N, " = a slot dropped by top-p)");
   }
   at::Tensor grad = at::empty_like(logits);
   ADAMOE_DISPATCH_FLOAT(logits.scalar_type(),

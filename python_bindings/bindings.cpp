@@ -8,7 +8,8 @@
 
 TORCH_LIBRARY_FRAGMENT(adamoe, m) {
   m.def(
-      "route_cpu(Tensor router_logits, int top_k, int num_experts, str normalize) -> "
+      "route_cpu(Tensor router_logits, int top_k, int num_experts, str normalize, "
+      "float? top_p=None, Tensor? selection_bias=None) -> "
       "(Tensor topk_ids, Tensor topk_weights, Tensor expert_counts, Tensor expert_offsets, "
       "Tensor sorted_slots)");
   m.def(

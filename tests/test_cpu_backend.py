@@ -92,6 +92,117 @@ def test_route_matches_reference(T, n, m, k, null_bias, normalize, dtype):
         assert torch.count_nonzero(r.topk_weights) == 0 and torch.count_nonzero(gl) == 0
 
 
+# ---- top-p and the selection bias (the load dial) in the C++ routing -----------------------------
+
+# (T, n, m, k): T=1; T=700 spans three 256-token blocks and is a multiple of none; k = n+m;
+# m = 0; n+m not a power of two.
+EXT_CASES = [(1, 4, 2, 3), (37, 5, 3, 8), (70, 6, 0, 2), (700, 8, 8, 3), (129, 3, 4, 4)]
+# top_p: 1e-6 keeps only the first slot of every token, 1.0 keeps the whole top-k.
+EXT_VARIANTS = [  # (top_p, with_bias)
+    (1e-6, False), (0.5, False), (1.0, False), (None, True), (0.3, True), (0.8, True),
+]
+
+
+def _ext_bias(n, m):
+    """A selection bias that moves the choice: random on every column, + 0.7 on the null ones."""
+    bias = torch.randn(n + m) * 0.5
+    bias[n:] += 0.7
+    return bias
+
+
+@pytest.mark.parametrize("top_p,with_bias", EXT_VARIANTS)
+@pytest.mark.parametrize("normalize", ["true", "all", "none"])
+@pytest.mark.parametrize("T,n,m,k", EXT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_route_top_p_selection_bias_match_reference(T, n, m, k, normalize, top_p, with_bias,
+                                                    dtype):
+    lg = _logits(T, n, m, dtype).requires_grad_()
+    lg_ref = lg.detach().clone().requires_grad_()
+    bias = _ext_bias(n, m) if with_bias else None
+    r = ak.route(lg, k, n, normalize, top_p=top_p, selection_bias=bias, backend="cpu")
+    rr = reference.route(lg_ref, k, n, normalize, top_p=top_p, selection_bias=bias)
+    for name in ("topk_ids", "expert_counts", "expert_offsets", "sorted_slots"):
+        got, want = getattr(r, name), getattr(rr, name)
+        assert got.dtype == torch.int32, name
+        assert torch.equal(got, want), name
+    assert r.topk_weights.dtype == torch.float32
+    torch.testing.assert_close(r.topk_weights, rr.topk_weights, atol=1e-6, rtol=1e-5)
+    assert float(r.load()) == float(rr.load())
+    dropped = r.topk_ids == n + m
+    assert torch.all(r.topk_weights[dropped] == 0)
+    if top_p is not None and top_p < 1e-3:  # only the first slot survives
+        assert torch.all(~dropped[:, 0]) and torch.all(dropped[:, 1:])
+    if top_p is not None and dtype == torch.float32:
+        g = torch.randn(T, k)
+        (gl,) = torch.autograd.grad(r.topk_weights, lg, g)
+        (gl_ref,) = torch.autograd.grad(rr.topk_weights, lg_ref, g)
+        torch.testing.assert_close(gl, gl_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_route_extensions_change_the_routing():
+    """The bias and top-p act (the cases above are not the plain routing in disguise)."""
+    T, n, m, k = 300, 6, 6, 3
+    lg = _logits(T, n, m)
+    plain = ak.route(lg, k, n, backend="cpu")
+    biased = ak.route(lg, k, n, selection_bias=_ext_bias(n, m), backend="cpu")
+    cut = ak.route(lg, k, n, top_p=0.5, backend="cpu")
+    assert float(biased.load()) < float(plain.load())
+    assert float(cut.load()) < float(plain.load())
+    assert torch.any(cut.topk_ids == n + m)
+    # The bias only chooses: the weights stay the unbiased probabilities of the chosen ids.
+    r = ak.route(lg, k, n, "none", selection_bias=_ext_bias(n, m), backend="cpu")
+    probs = torch.softmax(lg, -1).gather(1, r.topk_ids.long())
+    torch.testing.assert_close(r.topk_weights, probs, atol=1e-6, rtol=1e-5)
+
+
+def test_route_extensions_ties_lower_index():
+    """Ties in the biased selection scores go to the lower index; top-p cuts on those scores."""
+    n, m, k = 4, 3, 4
+    lg = torch.tensor([[0.0] * 7,
+                       [1.0, 2.0, 1.5, 0.0, 1.5, 1.0, 2.0],
+                       [0.5, 0.0, 3.0, 0.0, 3.0, 0.5, 0.5]])
+    bias = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.5, 0.0, 0.0])
+    select = torch.softmax(lg + bias, -1)
+    order = torch.sort(select, dim=-1, descending=True, stable=True)
+    for top_p in (None, 0.5):
+        want = order.indices[:, :k].int()
+        if top_p is not None:
+            top = order.values[:, :k]
+            keep = (torch.cumsum(top, -1) - top) < top_p
+            want = torch.where(keep, want, torch.full_like(want, n + m))
+        for dtype in (torch.float32, torch.bfloat16):
+            r = ak.route(lg.to(dtype), k, n, "all", top_p=top_p, selection_bias=bias,
+                         backend="cpu")
+            assert torch.equal(r.topk_ids, want), (top_p, dtype)
+
+
+def test_route_extensions_bad_args_raise():
+    """The op itself validates top_p and selection_bias (messages as _validation.py's)."""
+    lg = _logits(5, 4, 2)
+    op = torch.ops.adamoe.route_cpu
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        op(lg, 2, 4, "true", 1.5)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        op(lg, 2, 4, "true", 0.0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        op(lg, 2, 4, "true", float("nan"))
+    with pytest.raises(ValueError, match=r"selection_bias must have n\+m = 6 entries, got 5"):
+        op(lg, 2, 4, "true", None, torch.zeros(5))
+    with pytest.raises(ValueError, match="selection_bias must have 1 dimensions"):
+        op(lg, 2, 4, "true", None, torch.zeros(1, 6))
+    with pytest.raises(TypeError, match="selection_bias has dtype"):
+        op(lg, 2, 4, "true", None, torch.zeros(6, dtype=torch.int32))
+    with pytest.raises(ValueError, match="selection_bias contains NaN or Inf"):
+        op(lg, 2, 4, "true", None, torch.full((6,), float("inf")))
+    with pytest.raises(ValueError, match="selection_bias is on meta but router_logits is on cpu"):
+        ak.route(lg, 2, 4, selection_bias=torch.zeros(6, device="meta"), backend="cpu")
+    # Half-precision biases are accepted (upcast to fp32, like reference.route).
+    bias = _ext_bias(4, 2)
+    ids_half = op(lg, 2, 4, "true", 0.7, bias.half())[0]
+    rr = reference.route(lg, 2, 4, top_p=0.7, selection_bias=bias.half())
+    assert torch.equal(ids_half, rr.topk_ids)
+
+
 def _moe_case(T, n, m, k, H, I, dtype, null_bias=0.0, empty_expert=None, normalize="true"):
     lg = _logits(T, n, m, torch.float32, null_bias, empty_expert)
     x = torch.randn(T, H).to(dtype)
@@ -257,9 +368,11 @@ def test_malformed_routing_raises_value_error():
 def test_opcheck():
     T, n, m, k, H, I = 12, 3, 2, 2, 8, 8
     lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32, null_bias=0.3)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.adamoe.route_cpu.default, (lg.requires_grad_(), k, n, "true"),
-                          test_utils=("test_schema", "test_autograd_registration",
-                                      "test_faketensor"))
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.adamoe.route_cpu.default,
+                          (lg, k, n, "all", 0.6, torch.linspace(-1, 1, n + m)), test_utils=utils)
     r = ak.route(lg.detach(), k, n, "all", backend="cpu")
     args = (x.requires_grad_(), gu.requires_grad_(), dn, r.topk_ids,
             r.topk_weights.requires_grad_(), r.sorted_slots, r.expert_offsets, "identity")
@@ -268,12 +381,14 @@ def test_opcheck():
                                       "test_faketensor"))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("top_p,with_bias", [(None, False), (0.6, True)])
+def test_torch_compile_fullgraph(top_p, with_bias):
     T, n, m, k, H, I = 24, 4, 2, 2, 16, 24
     lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32, null_bias=0.3)
+    bias = _ext_bias(n, m) if with_bias else None
 
     def f(lg, x, gu, dn):
-        r = ak.route(lg, k, n, "true", backend="cpu")
+        r = ak.route(lg, k, n, "true", top_p=top_p, selection_bias=bias, backend="cpu")
         return ak.moe_mlp(x, gu, dn, r, backend="cpu")
 
     leaves = [t.clone().requires_grad_() for t in (lg, x, gu, dn)]

@@ -219,7 +219,7 @@ def test_single_process_matches_moe_mlp(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_process_top_p(backend):
-    """ak.set_top_p reaches the expert-parallel layer too ('cpu' routes on torch then)."""
+    """ak.set_top_p reaches the expert-parallel layer too (every backend routes with it)."""
     case = CASES_2["null"]
     router, gate_up, down, xs, _ = make_problem(case)
     layer = ExpertParallelMoE.from_dense((router, gate_up, down), top_k=case.k, backend=backend)

@@ -98,8 +98,8 @@ TOP_P_BACKENDS = ["torch", "triton"] + (["cpu"] if cpu_extension_available() els
 @pytest.mark.parametrize("backend,p", [("torch", 0.3), ("torch", 0.9)]
                          + [(b, 0.6) for b in TOP_P_BACKENDS])
 def test_set_top_p_matches_reference(backend, p):
-    """The layer routes exactly as reference.route(..., top_p=p) on its input ('cpu' falls back
-    to torch routing, its experts stay on C++)."""
+    """The layer routes exactly as reference.route(..., top_p=p) on its input (every backend in
+    its own routing: Triton, C++ or the torch reference)."""
     model = _stack(backend)
     x = torch.randn(48, 32)
     assert ak.set_top_p(model, p) is model
@@ -197,3 +197,42 @@ def test_set_top_p_survives_save_and_reload(tmp_path):
     ak.set_top_p(loaded, None)
     assert "top_p" not in loaded.config.adamoe
     assert all(layer.top_p is None for layer in adamoe_layers(loaded))
+
+
+@pytest.mark.skipif(not cpu_extension_available(), reason="C++ CPU backend not built")
+@pytest.mark.parametrize("dial", ["target_load", "top_p", "both"])
+def test_cpu_backend_dials_route_in_cpp(dial, monkeypatch):
+    """A layer on the C++ backend routes with the null bias and top-p in C++ (never through the
+    torch reference) and gives the torch backend's outputs and loads."""
+    x = torch.randn(96, 32)
+    cpu_model, torch_model = _stack("cpu"), _stack("torch")  # same seed: the same weights
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the cpu backend fell back to reference.route")
+
+    monkeypatch.setattr(ak.reference, "route", no_reference)
+    calls = []
+    from adamoe_kernels.ops import cpu as cpu_ops
+    real_route_cpu = cpu_ops.route_cpu
+    monkeypatch.setattr(cpu_ops, "route_cpu",
+                        lambda *a, **kw: calls.append(a[4:]) or real_route_cpu(*a, **kw))
+    if dial in ("target_load", "both"):
+        loads = ak.set_target_load(cpu_model, 1.0, x, iters=10, passes=2, tol=0.05)
+        assert all(abs(load - 1.0) <= 0.05 for load in loads)
+    if dial in ("top_p", "both"):
+        ak.set_top_p(cpu_model, 0.6)
+    with torch.no_grad():
+        y_cpu = cpu_model(x)
+    cpu_loads = [float(layer.last_load) for layer in adamoe_layers(cpu_model)]
+    assert calls and all(a[0] == (0.6 if dial != "target_load" else None) for a in calls[-2:])
+    assert all((a[1] is not None) == (dial != "top_p") for a in calls[-2:])
+    monkeypatch.undo()
+
+    for src, dst in zip(adamoe_layers(cpu_model), adamoe_layers(torch_model)):
+        dst.null_bias.copy_(src.null_bias)
+    if dial in ("top_p", "both"):
+        ak.set_top_p(torch_model, 0.6)
+    with torch.no_grad():
+        y_torch = torch_model(x)
+    assert [float(layer.last_load) for layer in adamoe_layers(torch_model)] == cpu_loads
+    torch.testing.assert_close(y_cpu, y_torch, atol=1e-5, rtol=1e-5)

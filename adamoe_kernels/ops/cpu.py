@@ -2,8 +2,8 @@
 
 The C++ extension defines four ops (``python_bindings/bindings.cpp``):
 
-* ``adamoe::route_cpu(router_logits, top_k, num_experts, normalize)
-  -> (topk_ids, topk_weights, expert_counts, expert_offsets, sorted_slots)``
+* ``adamoe::route_cpu(router_logits, top_k, num_experts, normalize, top_p=None,
+  selection_bias=None) -> (topk_ids, topk_weights, expert_counts, expert_offsets, sorted_slots)``
 * ``adamoe::route_backward_cpu(grad_topk_weights, router_logits, topk_ids, num_experts, normalize)
   -> grad_router_logits``
 * ``adamoe::moe_mlp_forward_cpu(hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
@@ -29,7 +29,7 @@ _ops = torch.ops.adamoe
 # ---- routing ----------------------------------------------------------------------------------
 
 @torch.library.register_fake("adamoe::route_cpu")
-def _route_fake(router_logits, top_k, num_experts, normalize):
+def _route_fake(router_logits, top_k, num_experts, normalize, top_p=None, selection_bias=None):
     T = router_logits.shape[0]
     new = router_logits.new_empty
     return (new((T, top_k), dtype=torch.int32), new((T, top_k), dtype=torch.float32),
@@ -43,7 +43,7 @@ def _route_backward_fake(grad_topk_weights, router_logits, topk_ids, num_experts
 
 
 def _route_setup_context(ctx, inputs, output):
-    router_logits, _, num_experts, normalize = inputs
+    router_logits, _, num_experts, normalize = inputs[:4]
     ctx.save_for_backward(router_logits, output[0])  # logits (softmax is recomputed), topk_ids
     ctx.num_experts, ctx.normalize = num_experts, normalize
 
@@ -51,23 +51,32 @@ def _route_setup_context(ctx, inputs, output):
 def _route_backward(ctx, g_ids, g_weights, g_counts, g_offsets, g_slots):
     router_logits, ids = ctx.saved_tensors
     if g_weights is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None
+        return None, None, None, None, None, None
+    # ids n+m (slots dropped by top-p) get no gradient; the selection bias never has one (it only
+    # chooses the experts).
     grad = _ops.route_backward_cpu(g_weights, router_logits, ids, ctx.num_experts, ctx.normalize)
-    return grad, None, None, None
+    return grad, None, None, None, None, None
 
 
 torch.library.register_autograd("adamoe::route_cpu", _route_backward,
                                 setup_context=_route_setup_context)
 
 
-def route_cpu(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: str):
+def route_cpu(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: str,
+              top_p: float | None = None, selection_bias: torch.Tensor | None = None):
     """Fused CPU routing (softmax, top-k, null drop, normalisation, counting sort).
+
+    ``selection_bias [n+m]`` (optional) is added to the logits only to choose the experts;
+    ``top_p`` (optional, in ``(0, 1]``) keeps slot ``j`` while the selection mass before it is below
+    ``top_p`` (dropped slots: id ``n+m``, weight 0). Semantics of ``reference.route``.
 
     Returns ``(topk_ids int32 [T, k], topk_weights float32 [T, k], expert_counts int32 [n],
     expert_offsets int32 [n+1], sorted_slots int32 [T*k])``; ``topk_weights`` is differentiable
     w.r.t. ``router_logits``.
     """
-    return _ops.route_cpu(router_logits, top_k, num_experts, normalize)
+    if top_p is not None:
+        top_p = float(top_p)
+    return _ops.route_cpu(router_logits, top_k, num_experts, normalize, top_p, selection_bias)
 
 
 # ---- grouped expert MLP -------------------------------------------------------------------------
