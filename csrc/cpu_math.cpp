@@ -17,6 +17,10 @@
 #endif
 #include <immintrin.h>
 #define ADAMOE_AVX512 __attribute__((target("avx512f")))
+// The NT GEMM is one template for fp32 and bf16 (policies NtF32 / NtBf16), so it is compiled with
+// AVX512_BF16 (and the BW it implies) enabled. Only NtBf16 uses those instructions; the fp32
+// instantiation runs where has_avx512() holds (which requires AVX512BW too).
+#define ADAMOE_AVX512_NT __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #else
 #define ADAMOE_X86_AVX512 0
 #endif
@@ -27,11 +31,11 @@ namespace cpu_math {
 namespace {
 
 // Small-M NT GEMM blocking: MR rows of A x NR rows of B per micro-kernel (MR*NR = 24 zmm
-// accumulators), K in chunks of KC (A and B chunks stay in L1/L2 while the m-blocks reuse the B
-// chunk); the next B block is prefetched into L2 while the current one is computed.
+// accumulators), K in chunks of KC_BYTES per row (A and B chunks stay in L1/L2 while the m-blocks
+// reuse the B chunk); the next B block is prefetched into L2 while the current one is computed.
 constexpr int kGemmMR = 4;
 constexpr int kGemmNR = 6;
-constexpr int64_t kGemmKC = 1024;
+constexpr int64_t kGemmKCBytes = 4096;
 
 // Small-M NN GEMM blocking: MR rows of A x NRV 16-wide column vectors of B per micro-kernel
 // (24 zmm accumulators kept across a K chunk of KC rows of B, then added into C). The B chunk of a
@@ -141,53 +145,114 @@ ADAMOE_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// Element policies of the NT GEMM: how one vector step of K is loaded and multiplied into 16 fp32
+// lanes. fp32: 16 elements, FMA. bf16: 32 elements, VDPBF16PS (pairs of bf16 products summed into
+// each fp32 lane; needs AVX512_BF16). Both keep fp32 accumulators.
+struct NtF32 {
+  using T = float;
+  static constexpr int64_t kStep = 16;
+  ADAMOE_AVX512_NT static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
+  ADAMOE_AVX512_NT static __m512 load_tail(const T* p, int64_t left) {
+    return _mm512_maskz_loadu_ps(tail_mask(left), p);
+  }
+  ADAMOE_AVX512_NT static __m512 fma(__m512 a, __m512 b, __m512 acc) {
+    return _mm512_fmadd_ps(a, b, acc);
+  }
+};
+
+struct NtBf16 {
+  using T = c10::BFloat16;
+  static constexpr int64_t kStep = 32;
+  ADAMOE_AVX512_NT static __m512i load(const T* p) { return _mm512_loadu_si512(p); }
+  ADAMOE_AVX512_NT static __m512i load_tail(const T* p, int64_t left) {
+    const __mmask32 m = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1u;
+    return _mm512_maskz_loadu_epi16(m, p);
+  }
+  ADAMOE_AVX512_NT static __m512 fma(__m512i a, __m512i b, __m512 acc) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+  }
+};
+
+// Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for a pair of vectors (a, b).
+ADAMOE_AVX512 __attribute__((always_inline)) inline __m512 pair_sums(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+
+// Per 128-bit lane: [s(a), s(b), s(c), s(d)], the lane's share of each of four vectors, from
+// ab = pair_sums(a, b) and cd = pair_sums(c, d).
+ADAMOE_AVX512 __attribute__((always_inline)) inline __m512 quad_sums(__m512 ab, __m512 cd) {
+  const __m512d x = _mm512_castps_pd(ab), y = _mm512_castps_pd(cd);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+
+// Horizontal sums of up to 8 vectors at once: lane j of the result (j < NR) is the sum of the 16
+// lanes of v[j]; lanes >= NR are unspecified. A shuffle tree (pairs within 128-bit lanes, then
+// across lanes): 24 shuffles/adds for 8 vectors, a third of 8 separate reductions, in a fixed
+// order.
+template <int NR>
+ADAMOE_AVX512 __attribute__((always_inline)) inline __m512 reduce_add_8(const __m512* v) {
+  static_assert(NR >= 1 && NR <= 8, "reduce_add_8 takes 1..8 vectors");
+  __m512 x[8];
+  for (int j = 0; j < 8; ++j) x[j] = j < NR ? v[j] : _mm512_setzero_ps();
+  const __m512 q0 = quad_sums(pair_sums(x[0], x[1]), pair_sums(x[2], x[3]));
+  const __m512 q1 = quad_sums(pair_sums(x[4], x[5]), pair_sums(x[6], x[7]));
+  // Lanes [q0.0+q0.2, q0.1+q0.3, q1.0+q1.2, q1.1+q1.3], then lane 0 + lane 1, lane 2 + lane 3.
+  const __m512 h = _mm512_add_ps(_mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h, h, _MM_SHUFFLE(3, 2, 2, 0)),
+                       _mm512_shuffle_f32x4(h, h, _MM_SHUFFLE(3, 2, 3, 1)));
+}
+
 // MR x NR block of C from one K chunk: 16-lane partial dot products, reduced at the end.
 // Prefetches pf_lines cache lines from pf (spread over the k-steps) into L2.
-template <int MR, int NR>
-ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nt_micro(
-    const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
-    bool accumulate, const char* pf, int64_t pf_step, const char* pf_end) {
+template <typename P, int MR, int NR>
+ADAMOE_AVX512_NT __attribute__((always_inline)) inline void gemm_nt_micro(
+    const typename P::T* A, int64_t lda, const typename P::T* B, int64_t ldb, float* C,
+    int64_t ldc, int64_t K, bool accumulate, const char* pf, int64_t pf_step,
+    const char* pf_end) {
+  constexpr int64_t S = P::kStep;
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   }
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
+  for (; k + S <= K; k += S) {
     if (pf < pf_end) {
       _mm_prefetch(pf, _MM_HINT_T1);
       pf += pf_step;
     }
-    __m512 a[MR];
-    for (int i = 0; i < MR; ++i) a[i] = _mm512_loadu_ps(A + i * lda + k);
+    decltype(P::load(A)) a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = P::load(A + i * lda + k);
     for (int j = 0; j < NR; ++j) {
-      const __m512 b = _mm512_loadu_ps(B + j * ldb + k);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], b, acc[i][j]);
+      const auto b = P::load(B + j * ldb + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = P::fma(a[i], b, acc[i][j]);
     }
   }
   if (k < K) {
-    const __mmask16 m = tail_mask(K - k);
-    __m512 a[MR];
-    for (int i = 0; i < MR; ++i) a[i] = _mm512_maskz_loadu_ps(m, A + i * lda + k);
+    decltype(P::load(A)) a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = P::load_tail(A + i * lda + k, K - k);
     for (int j = 0; j < NR; ++j) {
-      const __m512 b = _mm512_maskz_loadu_ps(m, B + j * ldb + k);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], b, acc[i][j]);
+      const auto b = P::load_tail(B + j * ldb + k, K - k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = P::fma(a[i], b, acc[i][j]);
     }
   }
+  const __mmask16 row = static_cast<__mmask16>((1u << NR) - 1u);
   for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      const float v = _mm512_reduce_add_ps(acc[i][j]);
-      C[i * ldc + j] = accumulate ? C[i * ldc + j] + v : v;
-    }
+    __m512 sums = reduce_add_8<NR>(acc[i]);
+    if (accumulate) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(row, C + i * ldc));
+    _mm512_mask_storeu_ps(C + i * ldc, row, sums);
   }
 }
 
 // All m-blocks of A against NR rows of B (one K chunk).
-template <int NR>
-ADAMOE_AVX512 void gemm_nt_column_block(const float* A, int64_t lda, const float* B, int64_t ldb,
-                                        float* C, int64_t ldc, int64_t M, int64_t K,
-                                        bool accumulate, const char* pf, int64_t pf_bytes) {
+template <typename P, int NR>
+ADAMOE_AVX512_NT void gemm_nt_column_block(const typename P::T* A, int64_t lda,
+                                           const typename P::T* B, int64_t ldb, float* C,
+                                           int64_t ldc, int64_t M, int64_t K, bool acc,
+                                           const char* pf, int64_t pf_bytes) {
   const int64_t m_blocks = (M + kGemmMR - 1) / kGemmMR;
-  const int64_t k_steps = (K + 15) / 16;
+  const int64_t k_steps = (K + P::kStep - 1) / P::kStep;
   // Spread the prefetch of the next block over all k-steps of all m-blocks.
   const int64_t lines = (pf_bytes + 63) / 64;
   const int64_t lines_per_step = (lines + m_blocks * k_steps - 1) / (m_blocks * k_steps);
@@ -196,45 +261,48 @@ ADAMOE_AVX512 void gemm_nt_column_block(const float* A, int64_t lda, const float
   for (int64_t mb = 0; mb < m_blocks; ++mb) {
     const int64_t m = mb * kGemmMR;
     const char* p = pf ? std::min(pf + mb * k_steps * step, pf_end) : nullptr;
-    const float* a = A + m * lda;
+    const auto* a = A + m * lda;
     float* c = C + m * ldc;
     switch (std::min<int64_t>(kGemmMR, M - m)) {
-      case 4: gemm_nt_micro<4, NR>(a, lda, B, ldb, c, ldc, K, accumulate, p, step, pf_end); break;
-      case 3: gemm_nt_micro<3, NR>(a, lda, B, ldb, c, ldc, K, accumulate, p, step, pf_end); break;
-      case 2: gemm_nt_micro<2, NR>(a, lda, B, ldb, c, ldc, K, accumulate, p, step, pf_end); break;
-      default: gemm_nt_micro<1, NR>(a, lda, B, ldb, c, ldc, K, accumulate, p, step, pf_end); break;
+      case 4: gemm_nt_micro<P, 4, NR>(a, lda, B, ldb, c, ldc, K, acc, p, step, pf_end); break;
+      case 3: gemm_nt_micro<P, 3, NR>(a, lda, B, ldb, c, ldc, K, acc, p, step, pf_end); break;
+      case 2: gemm_nt_micro<P, 2, NR>(a, lda, B, ldb, c, ldc, K, acc, p, step, pf_end); break;
+      default: gemm_nt_micro<P, 1, NR>(a, lda, B, ldb, c, ldc, K, acc, p, step, pf_end); break;
     }
   }
 }
 
-ADAMOE_AVX512 void gemm_nt_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
-                                  float* C, int64_t ldc, int64_t M, int64_t N, int64_t K) {
+template <typename P>
+ADAMOE_AVX512_NT void gemm_nt_avx512(const typename P::T* A, int64_t lda, const typename P::T* B,
+                                     int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
+                                     int64_t K) {
   const int64_t n_blocks = (N + kGemmNR - 1) / kGemmNR;
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * kGemmNR, nr = std::min<int64_t>(kGemmNR, N - n);
-      for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
-        const int64_t kc = std::min(kGemmKC, K - k0);
+      constexpr int64_t kc_max = kGemmKCBytes / sizeof(typename P::T);
+      for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, K - k0);
         // Prefetch the same K chunk of this thread's next column block.
         const char* pf = nullptr;
         int64_t pf_bytes = 0;
         if (b + 1 < b1) {
           const int64_t next_rows = std::min<int64_t>(kGemmNR, N - n - kGemmNR);
           pf = reinterpret_cast<const char*>(B + (n + kGemmNR) * ldb + k0);
-          pf_bytes = ((next_rows - 1) * ldb + kc) * static_cast<int64_t>(sizeof(float));
+          pf_bytes = ((next_rows - 1) * ldb + kc) * static_cast<int64_t>(sizeof(*B));
         }
-        const float* a = A + k0;
-        const float* bb = B + n * ldb + k0;
+        const auto* a = A + k0;
+        const auto* bb = B + n * ldb + k0;
         float* c = C + n;
         const bool acc = k0 > 0;
         const int64_t pfb = pf_bytes;
         switch (nr) {
-          case 6: gemm_nt_column_block<6>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          case 5: gemm_nt_column_block<5>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          case 4: gemm_nt_column_block<4>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          case 3: gemm_nt_column_block<3>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          case 2: gemm_nt_column_block<2>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          default: gemm_nt_column_block<1>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 6: gemm_nt_column_block<P, 6>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 5: gemm_nt_column_block<P, 5>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 4: gemm_nt_column_block<P, 4>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 3: gemm_nt_column_block<P, 3>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          case 2: gemm_nt_column_block<P, 2>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
+          default: gemm_nt_column_block<P, 1>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
         }
       }
     }
@@ -425,7 +493,17 @@ bool has_avx512() {
 #if ADAMOE_X86_AVX512
   // ADAMOE_CPU_PORTABLE=1 forces the portable loops (tests; CPUs that downclock on AVX-512).
   static const bool ok = __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512bw") &&
                          std::getenv("ADAMOE_CPU_PORTABLE") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool has_avx512_bf16() {
+#if ADAMOE_X86_AVX512
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16");
   return ok;
 #else
   return false;
@@ -504,9 +582,17 @@ void gemm_tn_small_k(const float* A, int64_t lda, const float* B, int64_t ldb, f
 void gemm_nt_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc, int64_t M, int64_t N, int64_t K) {
 #if ADAMOE_X86_AVX512
-  if (has_avx512()) return gemm_nt_avx512(A, lda, B, ldb, C, ldc, M, N, K);
+  if (has_avx512()) return gemm_nt_avx512<NtF32>(A, lda, B, ldb, C, ldc, M, N, K);
 #endif
   TORCH_CHECK(false, "gemm_nt_small_m needs AVX-512 (check has_avx512() first)");
+}
+
+void gemm_nt_small_m(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
+                     float* C, int64_t ldc, int64_t M, int64_t N, int64_t K) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512_bf16()) return gemm_nt_avx512<NtBf16>(A, lda, B, ldb, C, ldc, M, N, K);
+#endif
+  TORCH_CHECK(false, "the bf16 gemm_nt_small_m needs AVX512_BF16 (check has_avx512_bf16() first)");
 }
 
 }  // namespace cpu_math

@@ -1,8 +1,8 @@
 // CPU building blocks shared by the C++ kernels: dtype conversion helpers and the hot fp32 loops
-// (fused SiLU-gate elementwise passes, a small-M "NT" GEMM). Each hot loop has an AVX-512 version
-// (picked at run time when the CPU has AVX-512F) and a portable scalar version, so the extension
-// needs no -march flag and runs on any CPU. Both versions are deterministic: fixed summation order,
-// independent of the thread count.
+// (fused SiLU-gate elementwise passes, small-M / small-K GEMMs; the NT GEMM also in bf16). Each
+// hot loop has an AVX-512 version (picked at run time when the CPU has AVX-512F and BW) and a
+// portable scalar version, so the extension needs no -march flag and runs on any CPU. Both
+// versions are deterministic: fixed summation order, independent of the thread count.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -43,6 +43,9 @@ inline void convert(const float* src, float* dst, int64_t n) {
 // True when the AVX-512 versions run on this CPU (and ADAMOE_CPU_PORTABLE is not set).
 bool has_avx512();
 
+// True when the CPU also has AVX512_BF16 (VDPBF16PS: the bf16 small-M forward GEMM).
+bool has_avx512_bf16();
+
 // True on an Intel CPU (whose MKL sgemm has AVX-512 paths); picks the GEMM crossover points.
 bool is_intel();
 
@@ -68,6 +71,10 @@ float dot(const float* a, const float* b, int64_t n);
 // each C element is summed in the same order for any thread count. Needs has_avx512().
 void gemm_nt_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc, int64_t M, int64_t N, int64_t K);
+// The same for bf16 A and B with fp32 C: products of bf16 pairs accumulated in fp32 lanes
+// (VDPBF16PS). Needs has_avx512_bf16().
+void gemm_nt_small_m(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
+                     float* C, int64_t ldc, int64_t M, int64_t N, int64_t K);
 
 // C[m, n] = sum_k A[m, k] * B[k, n] for row-major fp32 A [M, K], B [K, N], C [M, N]; small M
 // against a large B read row by row (no packing). Multithreaded over column blocks of C; the
