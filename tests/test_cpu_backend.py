@@ -238,6 +238,7 @@ MOE_CASES = [
     (31, 4, 3, 2, 16, 40, 0.5, None, "none", "identity"),
     (40, 4, 2, 3, 16, 24, 0.5, 1, "all", "zero"),
     (9, 2, 1, 2, 20, 1100, 0.0, None, "true", "zero"),       # H, I not multiples of 16; I > KC
+    (7, 2, 1, 2, 20, 4200, 0.0, None, "true", "zero"),       # I > the NT K chunk (fp32 and bf16)
     (420, 2, 0, 2, 20, 24, 0.0, None, "true", "zero"),       # > kSmallGemmMaxRows (Intel)
     (1100, 2, 0, 2, 20, 24, 0.0, None, "true", "zero"),      # > every small-kernel row limit
     (37, 3, 2, 2, 18, 25, 0.0, None, "true", "zero"),        # row and column tails of every GEMM
