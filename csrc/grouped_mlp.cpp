@@ -23,8 +23,8 @@
 // bf16 on CPUs with AVX512_BF16 does the same with the VDPBF16PS version of that kernel (fp32
 // accumulation, results rounded to bf16 as the reference's bf16 matmuls). Otherwise at::mm_out
 // (MKL/oneDNN, multithreaded) computes GU_e^T = W_e @ X_e^T, the faster orientation there, and
-// GU_e is stored transposed as a [2I, r_e] block. The backward reads
-// either layout (gu_transposed()). The weight gradients are GEMMs of depth r_e with a large
+// GU_e is stored transposed as a [2I, r_e] block. The backward reads either layout
+// (gu_transposed()). The weight gradients are GEMMs of depth r_e with a large
 // output (the whole [2I, H] / [H, I] of the expert): for fp32 on AVX-512 they use
 // cpu_math::gemm_tn_small_k, which sums the r_e rows in registers and writes each output element
 // once with streaming stores (measured 1.1-2.4x faster than at::mm's MKL sgemm for 16-512 rows
@@ -415,8 +415,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
 namespace {
 
 // Backward elementwise pass of one expert: from its GU block and G [r, I] writes wh = w*h [r, I],
-// dGU = [dg, du] [r, 2I] and dw[p] = <G_p, h_p>. Row-major GU (fp32, bf16): one call per
-// row.
+// dGU = [dg, du] [r, 2I] and dw[p] = <G_p, h_p>. Row-major GU (fp32, bf16): one call per row.
 // Transposed GU: tiles of kTileRows x kTileCols are transposed into fp32 scratch first so every
 // inner loop is contiguous; per-tile partial sums are added in a fixed order. Deterministic for
 // any thread count either way.

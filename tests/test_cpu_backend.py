@@ -67,6 +67,16 @@ def _close(actual, expected, atol, rtol, what):
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
+def _assert_same_routing(r, rr):
+    """The cpu Routing `r` equals the reference's `rr`: int32 metadata exactly, fp32 weights."""
+    for name in ("topk_ids", "expert_counts", "expert_offsets", "sorted_slots"):
+        got, want = getattr(r, name), getattr(rr, name)
+        assert got.dtype == torch.int32, name
+        assert torch.equal(got, want), name
+    assert r.topk_weights.dtype == torch.float32
+    torch.testing.assert_close(r.topk_weights, rr.topk_weights, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("normalize", ["true", "all", "none"])
 @pytest.mark.parametrize("T,n,m,k,null_bias", ROUTE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -75,12 +85,7 @@ def test_route_matches_reference(T, n, m, k, null_bias, normalize, dtype):
     lg_ref = lg.detach().clone().requires_grad_()
     r = ak.route(lg, k, n, normalize, backend="cpu")
     rr = reference.route(lg_ref, k, n, normalize)
-    for name in ("topk_ids", "expert_counts", "expert_offsets", "sorted_slots"):
-        got, want = getattr(r, name), getattr(rr, name)
-        assert got.dtype == torch.int32, name
-        assert torch.equal(got, want), name
-    assert r.topk_weights.dtype == torch.float32
-    torch.testing.assert_close(r.topk_weights, rr.topk_weights, atol=1e-6, rtol=1e-5)
+    _assert_same_routing(r, rr)
     g = torch.randn(T, k)
     (gl,) = torch.autograd.grad(r.topk_weights, lg, g)
     (gl_ref,) = torch.autograd.grad(rr.topk_weights, lg_ref, g)
@@ -121,12 +126,7 @@ def test_route_top_p_selection_bias_match_reference(T, n, m, k, normalize, top_p
     bias = _ext_bias(n, m) if with_bias else None
     r = ak.route(lg, k, n, normalize, top_p=top_p, selection_bias=bias, backend="cpu")
     rr = reference.route(lg_ref, k, n, normalize, top_p=top_p, selection_bias=bias)
-    for name in ("topk_ids", "expert_counts", "expert_offsets", "sorted_slots"):
-        got, want = getattr(r, name), getattr(rr, name)
-        assert got.dtype == torch.int32, name
-        assert torch.equal(got, want), name
-    assert r.topk_weights.dtype == torch.float32
-    torch.testing.assert_close(r.topk_weights, rr.topk_weights, atol=1e-6, rtol=1e-5)
+    _assert_same_routing(r, rr)
     assert float(r.load()) == float(rr.load())
     dropped = r.topk_ids == n + m
     assert torch.all(r.topk_weights[dropped] == 0)
