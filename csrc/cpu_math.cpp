@@ -17,10 +17,10 @@
 #endif
 #include <immintrin.h>
 #define ADAMOE_AVX512 __attribute__((target("avx512f")))
-// The NT GEMM is one template for fp32 and bf16 (policies NtF32 / NtBf16), so it is compiled with
-// AVX512_BF16 (and the BW it implies) enabled. Only NtBf16 uses those instructions; the fp32
-// instantiation runs where has_avx512() holds (which requires AVX512BW too).
-#define ADAMOE_AVX512_NT __attribute__((target("avx512f,avx512bw,avx512bf16")))
+// The NT and NN GEMMs are templates over fp32 and bf16 policies (NtF32/NtBf16, NnF32/NnBf16), so
+// they are compiled with AVX512_BF16, BW and VL enabled. Only the bf16 policies use BF16; the fp32
+// instantiations run where has_avx512() holds (which requires BW and VL too).
+#define ADAMOE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #else
 #define ADAMOE_X86_AVX512 0
 #endif
@@ -153,11 +153,11 @@ ADAMOE_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
 struct NtF32 {
   using T = float;
   static constexpr int64_t kStep = 16;
-  ADAMOE_AVX512_NT static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
-  ADAMOE_AVX512_NT static __m512 load_tail(const T* p, int64_t left) {
+  ADAMOE_AVX512_BF16 static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
+  ADAMOE_AVX512_BF16 static __m512 load_tail(const T* p, int64_t left) {
     return _mm512_maskz_loadu_ps(tail_mask(left), p);
   }
-  ADAMOE_AVX512_NT static __m512 fma(__m512 a, __m512 b, __m512 acc) {
+  ADAMOE_AVX512_BF16 static __m512 fma(__m512 a, __m512 b, __m512 acc) {
     return _mm512_fmadd_ps(a, b, acc);
   }
 };
@@ -165,12 +165,12 @@ struct NtF32 {
 struct NtBf16 {
   using T = c10::BFloat16;
   static constexpr int64_t kStep = 32;
-  ADAMOE_AVX512_NT static __m512i load(const T* p) { return _mm512_loadu_si512(p); }
-  ADAMOE_AVX512_NT static __m512i load_tail(const T* p, int64_t left) {
+  ADAMOE_AVX512_BF16 static __m512i load(const T* p) { return _mm512_loadu_si512(p); }
+  ADAMOE_AVX512_BF16 static __m512i load_tail(const T* p, int64_t left) {
     const __mmask32 m = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1u;
     return _mm512_maskz_loadu_epi16(m, p);
   }
-  ADAMOE_AVX512_NT static __m512 fma(__m512i a, __m512i b, __m512 acc) {
+  ADAMOE_AVX512_BF16 static __m512 fma(__m512i a, __m512i b, __m512 acc) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
   }
 };
@@ -209,7 +209,7 @@ ADAMOE_AVX512 __attribute__((always_inline)) inline __m512 reduce_add_8(const __
 // MR x NR block of C from one K chunk: 16-lane partial dot products, reduced at the end.
 // Prefetches pf_lines cache lines from pf (spread over the k-steps) into L2.
 template <typename P, int MR, int NR>
-ADAMOE_AVX512_NT __attribute__((always_inline)) inline void gemm_nt_micro(
+ADAMOE_AVX512_BF16 __attribute__((always_inline)) inline void gemm_nt_micro(
     const typename P::T* A, int64_t lda, const typename P::T* B, int64_t ldb, float* C,
     int64_t ldc, int64_t K, bool accumulate, const char* pf, int64_t pf_step,
     const char* pf_end) {
@@ -249,7 +249,7 @@ ADAMOE_AVX512_NT __attribute__((always_inline)) inline void gemm_nt_micro(
 
 // All m-blocks of A against NR rows of B (one K chunk).
 template <typename P, int NR>
-ADAMOE_AVX512_NT void gemm_nt_column_block(const typename P::T* A, int64_t lda,
+ADAMOE_AVX512_BF16 void gemm_nt_column_block(const typename P::T* A, int64_t lda,
                                            const typename P::T* B, int64_t ldb, float* C,
                                            int64_t ldc, int64_t M, int64_t K, bool acc,
                                            const char* pf, int64_t pf_bytes) {
@@ -275,7 +275,7 @@ ADAMOE_AVX512_NT void gemm_nt_column_block(const typename P::T* A, int64_t lda,
 }
 
 template <typename P>
-ADAMOE_AVX512_NT void gemm_nt_avx512(const typename P::T* A, int64_t lda, const typename P::T* B,
+ADAMOE_AVX512_BF16 void gemm_nt_avx512(const typename P::T* A, int64_t lda, const typename P::T* B,
                                      int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
                                      int64_t K) {
   const int64_t n_blocks = (N + kGemmNR - 1) / kGemmNR;
@@ -311,13 +311,54 @@ ADAMOE_AVX512_NT void gemm_nt_avx512(const typename P::T* A, int64_t lda, const 
   });
 }
 
+// Element policies of the NN GEMM: kStep rows of B per step. fp32: one row, A broadcast, FMA.
+// bf16: two rows interleaved into bf16 pairs ([B[k][n], B[k+1][n]] per fp32 lane) against the
+// broadcast pair (A[i][k], A[i][k+1]), VDPBF16PS. `rows` < kStep zero-fills the missing row (an
+// odd K). Both keep fp32 accumulators.
+struct NnF32 {
+  using T = float;
+  using V = __m512;
+  static constexpr int64_t kStep = 1;
+  ADAMOE_AVX512_BF16 static V load_b(const T* b, int64_t, __mmask16 m, int64_t) {
+    return _mm512_maskz_loadu_ps(m, b);
+  }
+  ADAMOE_AVX512_BF16 static V bcast_a(const T* a, int64_t) { return _mm512_set1_ps(*a); }
+  ADAMOE_AVX512_BF16 static __m512 fma(V a, V b, __m512 acc) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+struct NnBf16 {
+  using T = c10::BFloat16;
+  using V = __m512i;
+  static constexpr int64_t kStep = 2;
+  ADAMOE_AVX512_BF16 static V load_b(const T* b, int64_t ldb, __mmask16 m, int64_t rows) {
+    const __m256i r0 = _mm256_maskz_loadu_epi16(m, b);
+    const __m256i r1 = rows > 1 ? _mm256_maskz_loadu_epi16(m, b + ldb) : _mm256_setzero_si256();
+    // [r0[0], r1[0], r0[1], r1[1], ...]: element 2i from r0[i], 2i+1 from r1[i] (index 32 + i).
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                         40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                         32, 0);
+    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), idx,
+                                     _mm512_castsi256_si512(r1));
+  }
+  ADAMOE_AVX512_BF16 static V bcast_a(const T* a, int64_t rows) {
+    uint32_t pair = a[0].x;
+    if (rows > 1) pair |= static_cast<uint32_t>(a[1].x) << 16;
+    return _mm512_set1_epi32(static_cast<int>(pair));
+  }
+  ADAMOE_AVX512_BF16 static __m512 fma(V a, V b, __m512 acc) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+  }
+};
+
 // C[MR, 16*NRV] (+)= A[MR, K] @ B[K, 16*NRV] (broadcast A, FMA with B rows); the last column
-// vector is masked by `last`. With `pf`, each k-step also prefetches into L2 the NRV lines of
-// pf + k*ldb (the same rows of the thread's next column block).
-template <int MR, int NRV>
-ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nn_micro(
-    const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
-    bool accumulate, __mmask16 last, const float* pf) {
+// vector is masked by `last`. With `pf`, each step also prefetches into L2 the lines of its
+// rows of pf (the same rows of the thread's next column block).
+template <typename P, int MR, int NRV>
+ADAMOE_AVX512_BF16 __attribute__((always_inline)) inline void gemm_nn_micro(
+    const typename P::T* A, int64_t lda, const typename P::T* B, int64_t ldb, float* C,
+    int64_t ldc, int64_t K, bool accumulate, __mmask16 last, const typename P::T* pf) {
+  constexpr int64_t S = P::kStep;
+  constexpr int kLines = static_cast<int>((16 * NRV * sizeof(typename P::T) + 63) / 64);
   const auto mask = [last](int j) { return j == NRV - 1 ? last : static_cast<__mmask16>(0xFFFF); };
   __m512 acc[MR][NRV];
   for (int i = 0; i < MR; ++i) {
@@ -326,17 +367,19 @@ ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nn_micro(
                              : _mm512_setzero_ps();
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < K; k += S) {
+    const int64_t rows = std::min(S, K - k);
     if (pf) {
-      for (int j = 0; j < NRV; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb + 16 * j), _MM_HINT_T1);
+      for (int64_t s = 0; s < rows; ++s) {
+        const char* line = reinterpret_cast<const char*>(pf + (k + s) * ldb);
+        for (int l = 0; l < kLines; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T1);
       }
     }
-    __m512 b[NRV];
-    for (int j = 0; j < NRV; ++j) b[j] = _mm512_maskz_loadu_ps(mask(j), B + k * ldb + 16 * j);
+    typename P::V b[NRV];
+    for (int j = 0; j < NRV; ++j) b[j] = P::load_b(B + k * ldb + 16 * j, ldb, mask(j), rows);
     for (int i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      for (int j = 0; j < NRV; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+      const auto a = P::bcast_a(A + i * lda + k, rows);
+      for (int j = 0; j < NRV; ++j) acc[i][j] = P::fma(a, b[j], acc[i][j]);
     }
   }
   for (int i = 0; i < MR; ++i) {
@@ -346,25 +389,29 @@ ADAMOE_AVX512 __attribute__((always_inline)) inline void gemm_nn_micro(
 
 // All m-blocks of A against 16*NRV columns of B (one K chunk). The first m-block prefetches
 // the K chunk of the thread's next column block (`pf`, nullable: at most 16*NRV columns wide).
-template <int NRV>
-ADAMOE_AVX512 void gemm_nn_column_block(const float* A, int64_t lda, const float* B, int64_t ldb,
-                                        float* C, int64_t ldc, int64_t M, int64_t K,
-                                        bool accumulate, __mmask16 last, const float* pf) {
+template <typename P, int NRV>
+ADAMOE_AVX512_BF16 void gemm_nn_column_block(const typename P::T* A, int64_t lda,
+                                           const typename P::T* B, int64_t ldb, float* C,
+                                           int64_t ldc, int64_t M, int64_t K, bool acc,
+                                           __mmask16 last, const typename P::T* pf) {
   for (int64_t m = 0; m < M; m += kNnMR) {
-    const float* a = A + m * lda;
+    const auto* a = A + m * lda;
     float* c = C + m * ldc;
-    const float* p = m == 0 ? pf : nullptr;
+    const auto* p = m == 0 ? pf : nullptr;
     switch (std::min<int64_t>(kNnMR, M - m)) {
-      case 4: gemm_nn_micro<4, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last, p); break;
-      case 3: gemm_nn_micro<3, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last, p); break;
-      case 2: gemm_nn_micro<2, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last, p); break;
-      default: gemm_nn_micro<1, NRV>(a, lda, B, ldb, c, ldc, K, accumulate, last, p); break;
+      case 4: gemm_nn_micro<P, 4, NRV>(a, lda, B, ldb, c, ldc, K, acc, last, p); break;
+      case 3: gemm_nn_micro<P, 3, NRV>(a, lda, B, ldb, c, ldc, K, acc, last, p); break;
+      case 2: gemm_nn_micro<P, 2, NRV>(a, lda, B, ldb, c, ldc, K, acc, last, p); break;
+      default: gemm_nn_micro<P, 1, NRV>(a, lda, B, ldb, c, ldc, K, acc, last, p); break;
     }
   }
 }
 
-ADAMOE_AVX512 void gemm_nn_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
-                                  float* C, int64_t ldc, int64_t M, int64_t N, int64_t K) {
+template <typename P>
+ADAMOE_AVX512_BF16 void gemm_nn_avx512(const typename P::T* A, int64_t lda, const typename P::T* B,
+                                     int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t N,
+                                     int64_t K) {
+  static_assert(kNnKC % P::kStep == 0, "a K chunk must hold whole steps");
   constexpr int64_t kCols = 16 * kNnNRV;
   const int64_t n_blocks = (N + kCols - 1) / kCols;
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -375,26 +422,26 @@ ADAMOE_AVX512 void gemm_nn_avx512(const float* A, int64_t lda, const float* B, i
         const int64_t n = b * kCols, cols = std::min(kCols, N - n);
         const int nv = static_cast<int>((cols + 15) / 16);
         const __mmask16 last = tail_mask(cols - 16 * (nv - 1));
-        const float* a = A + k0;
-        const float* bb = B + k0 * ldb + n;
+        const auto* a = A + k0;
+        const auto* bb = B + k0 * ldb + n;
         float* c = C + n;
         // The thread's next work item: the next column block of this K chunk, else its first
         // column block of the next K chunk. B rows are read from memory once (the m-blocks reuse
         // them from L1), so fetching the next block while this one computes hides the latency.
         // (Prefetches never fault, so a full-width one past a narrower last block is harmless.)
-        const float* pf = nullptr;
+        decltype(bb) pf = nullptr;
         if (b + 1 < b1) {
           pf = bb + kCols;
         } else if (k0 + kc < K) {
           pf = B + (k0 + kc) * ldb + b0 * kCols;
         }
         switch (nv) {
-          case 6: gemm_nn_column_block<6>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          case 5: gemm_nn_column_block<5>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          case 4: gemm_nn_column_block<4>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          case 3: gemm_nn_column_block<3>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          case 2: gemm_nn_column_block<2>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          default: gemm_nn_column_block<1>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 6: gemm_nn_column_block<P, 6>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 5: gemm_nn_column_block<P, 5>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 4: gemm_nn_column_block<P, 4>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 3: gemm_nn_column_block<P, 3>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          case 2: gemm_nn_column_block<P, 2>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
+          default: gemm_nn_column_block<P, 1>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
         }
       }
     }
@@ -496,6 +543,7 @@ bool has_avx512() {
   // ADAMOE_CPU_PORTABLE=1 forces the portable loops (tests; CPUs that downclock on AVX-512).
   static const bool ok = __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") &&
                          std::getenv("ADAMOE_CPU_PORTABLE") == nullptr;
   return ok;
 #else
@@ -568,9 +616,17 @@ float dot(const float* a, const float* b, int64_t n) {
 void gemm_nn_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc, int64_t M, int64_t N, int64_t K) {
 #if ADAMOE_X86_AVX512
-  if (has_avx512()) return gemm_nn_avx512(A, lda, B, ldb, C, ldc, M, N, K);
+  if (has_avx512()) return gemm_nn_avx512<NnF32>(A, lda, B, ldb, C, ldc, M, N, K);
 #endif
   TORCH_CHECK(false, "gemm_nn_small_m needs AVX-512 (check has_avx512() first)");
+}
+
+void gemm_nn_small_m(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
+                     float* C, int64_t ldc, int64_t M, int64_t N, int64_t K) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512_bf16()) return gemm_nn_avx512<NnBf16>(A, lda, B, ldb, C, ldc, M, N, K);
+#endif
+  TORCH_CHECK(false, "the bf16 gemm_nn_small_m needs AVX512_BF16 (check has_avx512_bf16() first)");
 }
 
 void gemm_tn_small_k(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,

@@ -1,6 +1,6 @@
 // CPU building blocks shared by the C++ kernels: dtype conversion helpers and the hot fp32 loops
-// (fused SiLU-gate elementwise passes, small-M / small-K GEMMs; the NT GEMM also in bf16). Each
-// hot loop has an AVX-512 version (picked at run time when the CPU has AVX-512F and BW) and a
+// (fused SiLU-gate elementwise passes, small-M / small-K GEMMs; NT and NN also in bf16). Each
+// hot loop has an AVX-512 version (picked at run time when the CPU has AVX-512 F, BW and VL) and a
 // portable scalar version, so the extension needs no -march flag and runs on any CPU. Both
 // versions are deterministic: fixed summation order, independent of the thread count.
 #pragma once
@@ -81,6 +81,10 @@ void gemm_nt_small_m(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B
 // K order is fixed, so results do not depend on the thread count. Needs has_avx512().
 void gemm_nn_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc, int64_t M, int64_t N, int64_t K);
+// The same for bf16 A and B with fp32 C: pairs of B rows interleaved on the fly against pairs of
+// A, VDPBF16PS into fp32 lanes. Needs has_avx512_bf16().
+void gemm_nn_small_m(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
+                     float* C, int64_t ldc, int64_t M, int64_t N, int64_t K);
 
 // C[m, n] = sum_k A[k, m] * B[k, n] for row-major fp32 A [K, M], B [K, N], C [M, N] (C is
 // overwritten). Made for the weight gradients, whose depth K is one expert's row count: small K,
