@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define ADAMOE_X86_AVX512 1
@@ -87,6 +88,20 @@ ADAMOE_AVX512 inline __m512 exp512(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(y, fx);
+}
+
+// Calls f(std::integral_constant<int, w>{}) for a run-time width w in [1, 6] (w >= 6 -> 6): the
+// column widths of the GEMM micro-kernels are template arguments.
+template <typename F>
+inline void with_width(int64_t w, F&& f) {
+  switch (std::min<int64_t>(w, 6)) {
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
 }
 
 inline __mmask16 tail_mask(int64_t left) {
@@ -298,14 +313,9 @@ ADAMOE_AVX512_BF16 void gemm_nt_avx512(const typename P::T* A, int64_t lda, cons
         float* c = C + n;
         const bool acc = k0 > 0;
         const int64_t pfb = pf_bytes;
-        switch (nr) {
-          case 6: gemm_nt_column_block<P, 6>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          case 5: gemm_nt_column_block<P, 5>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          case 4: gemm_nt_column_block<P, 4>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          case 3: gemm_nt_column_block<P, 3>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          case 2: gemm_nt_column_block<P, 2>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-          default: gemm_nt_column_block<P, 1>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb); break;
-        }
+        with_width(nr, [&](auto w) {
+          gemm_nt_column_block<P, decltype(w)::value>(a, lda, bb, ldb, c, ldc, M, kc, acc, pf, pfb);
+        });
       }
     }
   });
@@ -435,14 +445,10 @@ ADAMOE_AVX512_BF16 void gemm_nn_avx512(const typename P::T* A, int64_t lda, cons
         } else if (k0 + kc < K) {
           pf = B + (k0 + kc) * ldb + b0 * kCols;
         }
-        switch (nv) {
-          case 6: gemm_nn_column_block<P, 6>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          case 5: gemm_nn_column_block<P, 5>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          case 4: gemm_nn_column_block<P, 4>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          case 3: gemm_nn_column_block<P, 3>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          case 2: gemm_nn_column_block<P, 2>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-          default: gemm_nn_column_block<P, 1>(a, lda, bb, ldb, c, ldc, M, kc, acc, last, pf); break;
-        }
+        with_width(nv, [&](auto w) {
+          gemm_nn_column_block<P, decltype(w)::value>(a, lda, bb, ldb, c, ldc, M, kc, acc, last,
+                                                      pf);
+        });
       }
     }
   });
@@ -517,14 +523,9 @@ ADAMOE_AVX512 void gemm_tn_avx512(const float* A, int64_t lda, const float* B, i
           const __mmask16 last = tail_mask(cols - 16 * (nv - 1));
           const float* bb = B + n;
           float* c = C + n;
-          switch (nv) {
-            case 6: gemm_tn_column_block<6>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
-            case 5: gemm_tn_column_block<5>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
-            case 4: gemm_tn_column_block<4>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
-            case 3: gemm_tn_column_block<3>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
-            case 2: gemm_tn_column_block<2>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
-            default: gemm_tn_column_block<1>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last); break;
-          }
+          with_width(nv, [&](auto w) {
+            gemm_tn_column_block<decltype(w)::value>(A, lda, bb, ldb, c, ldc, mm, mm1, K, last);
+          });
         }
       }
     }
