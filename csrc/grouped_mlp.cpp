@@ -101,14 +101,31 @@ bool small_gemm(at::ScalarType dtype, int64_t rows, int64_t max_rows) {
   return dtype == at::kFloat && rows <= max_rows && cpu_math::has_avx512();
 }
 
+// True when the bf16 small-M kernels (AVX512_BF16) run for `rows` rows under the given limit.
+bool small_gemm_bf16(at::ScalarType dtype, int64_t rows, int64_t max_rows) {
+  return dtype == at::kBFloat16 && rows <= max_rows && cpu_math::has_avx512_bf16();
+}
+
 // True when the forward GEMMs of an expert with `rows` rows use the small-M NT kernels: fp32
 // (AVX-512) or bf16 (AVX512_BF16) under the row limits above.
 bool small_forward(at::ScalarType dtype, int64_t rows) {
-  if (dtype == at::kBFloat16) {
-    return rows <= row_limit(kSmallGemmMaxRowsBf16, kSmallGemmMaxRowsBf16NT) &&
-           cpu_math::has_avx512_bf16();
-  }
-  return small_gemm(dtype, rows, row_limit(kSmallGemmMaxRows, kSmallGemmMaxRowsNT));
+  return small_gemm(dtype, rows, row_limit(kSmallGemmMaxRows, kSmallGemmMaxRowsNT)) ||
+         small_gemm_bf16(dtype, rows, row_limit(kSmallGemmMaxRowsBf16, kSmallGemmMaxRowsBf16NT));
+}
+
+// An fp32 scratch of at least n floats: `buf` grows (uninitialised) on demand and is reused by
+// every expert of a call, so the bf16 kernels' fp32 results cost no allocation per expert.
+float* f32_scratch(at::Tensor& buf, int64_t n) {
+  if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::dtype(at::kFloat));
+  return buf.data_ptr<float>();
+}
+
+// Rounds fp32 GEMM results acc [r, N] (row stride N) to the bf16 rows of out (row stride ldo), as
+// at::mm rounds its bf16 outputs; rows in parallel.
+void round_rows_to_bf16(const float* acc, int64_t r, int64_t N, c10::BFloat16* out, int64_t ldo) {
+  at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) cpu_math::convert(acc + i * N, out + i * ldo, N);
+  });
 }
 
 // True when expert blocks of GU are stored transposed ([2I, r], the at::mm layout) instead of
@@ -138,27 +155,22 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 // out = a @ b for row-major a [r, K], b [K, N] (contiguous rows): the small-M kernel when it is
-// the faster one (fp32 under `max_rows`; bf16 under the bf16 NN limit, through an fp32 scratch
+// the faster one (fp32 under `max_rows`; bf16 under the bf16 NN limit, through the fp32 `scratch`
 // rounded to bf16 as at::mm rounds), else at::mm_out.
-void mm_nn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t max_rows) {
+void mm_nn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t max_rows,
+           at::Tensor& scratch) {
   const int64_t r = a.size(0), N = b.size(1), K = a.size(1);
   const bool rows_ok = a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
+  const int64_t bf16_rows = row_limit(kSmallGemmMaxRowsBf16, kSmallGemmMaxRowsBf16NN);
   if (rows_ok && small_gemm(a.scalar_type(), r, max_rows)) {
     cpu_math::gemm_nn_small_m(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
                               out.data_ptr<float>(), out.stride(0), r, N, K);
-  } else if (rows_ok && a.scalar_type() == at::kBFloat16 &&
-             r <= row_limit(kSmallGemmMaxRowsBf16, kSmallGemmMaxRowsBf16NN) &&
-             cpu_math::has_avx512_bf16()) {
+  } else if (rows_ok && small_gemm_bf16(a.scalar_type(), r, bf16_rows)) {
     using bf16 = c10::BFloat16;
-    std::vector<float> acc(r * N);
+    float* acc = f32_scratch(scratch, r * N);
     cpu_math::gemm_nn_small_m(a.data_ptr<bf16>(), a.stride(0), b.data_ptr<bf16>(), b.stride(0),
-                              acc.data(), N, r, N, K);
-    bf16* o = out.data_ptr<bf16>();
-    at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) {
-        cpu_math::convert(acc.data() + i * N, o + i * out.stride(0), N);
-      }
-    });
+                              acc, N, r, N, K);
+    round_rows_to_bf16(acc, r, N, out.data_ptr<bf16>(), out.stride(0));
   } else {
     at::mm_out(out, a, b);
   }
@@ -340,7 +352,8 @@ void combine_forward(const Groups& g, NullKind null_kind, const scalar_t* O, con
 // Forward of one expert: rows Xe [r, H] -> gu block (saved), O rows [r, H].
 template <typename scalar_t>
 void expert_forward(const at::Tensor& Xe, const at::Tensor& w_gu, const at::Tensor& w_down,
-                    at::Tensor& gu, at::Tensor& h_buf, at::Tensor& O, int64_t row0, int64_t r) {
+                    at::Tensor& gu, at::Tensor& h_buf, at::Tensor& O, int64_t row0, int64_t r,
+                    at::Tensor& scratch) {
   const int64_t H = Xe.size(1), I = w_down.size(1);
   if (!gu_transposed(Xe.scalar_type(), r)) {  // row-major blocks, small-M NT kernels
     scalar_t* gup = gu.data_ptr<scalar_t>() + row0 * 2 * I;  // [r, 2I]
@@ -357,17 +370,17 @@ void expert_forward(const at::Tensor& Xe, const at::Tensor& w_gu, const at::Tens
     } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // fp32 GEMM results in scratch, rounded to bf16 as the reference's bf16 matmuls round them;
       // h = silu(g) * u from the rounded g, u (as on the at::mm path).
-      std::vector<float> acc(r * std::max(2 * I, H));
-      cpu_math::gemm_nt_small_m(Xe.data_ptr<scalar_t>(), H, w_gu.data_ptr<scalar_t>(), H,
-                                acc.data(), 2 * I, r, 2 * I, H);
+      float* acc = f32_scratch(scratch, r * std::max(2 * I, H));
+      cpu_math::gemm_nt_small_m(Xe.data_ptr<scalar_t>(), H, w_gu.data_ptr<scalar_t>(), H, acc,
+                                2 * I, r, 2 * I, H);
       at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t i = r0; i < r1; ++i) {
-          cpu_math::convert(acc.data() + i * 2 * I, gup + i * 2 * I, 2 * I);
+          cpu_math::convert(acc + i * 2 * I, gup + i * 2 * I, 2 * I);
           silu_mul_any(gup + i * 2 * I, gup + i * 2 * I + I, hp + i * I, I);
         }
       });
-      cpu_math::gemm_nt_small_m(hp, I, w_down.data_ptr<scalar_t>(), I, acc.data(), H, r, H, I);
-      cpu_math::convert(acc.data(), op, r * H);
+      cpu_math::gemm_nt_small_m(hp, I, w_down.data_ptr<scalar_t>(), I, acc, H, r, H, I);
+      round_rows_to_bf16(acc, r, H, op, H);
     } else {
       TORCH_CHECK(false, "row-major GU blocks are fp32/bf16 only");
     }
@@ -411,12 +424,13 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
     int64_t max_rows = 0;
     for (int64_t e = 0; e < g.n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);
     at::Tensor h_buf = at::empty({max_rows * I}, opts);  // h of one expert, reused
+    at::Tensor scratch;  // fp32 results of the bf16 kernels, grown on first use
     ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "moe_mlp_forward_cpu", [&] {
       for (int64_t e = 0; e < g.n; ++e) {
         const int64_t r = g.off[e + 1] - g.off[e];
         if (r == 0) continue;  // an expert with no rows does no work
         expert_forward<scalar_t>(X.narrow(0, g.off[e], r), gate_up[e], down[e], gu, h_buf, O,
-                                 g.off[e], r);
+                                 g.off[e], r, scratch);
       }
     });
   }
@@ -592,6 +606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
     at::Tensor G_buf = at::empty({max_rows * I}, opts);
     at::Tensor wh_buf = at::empty({max_rows * I}, opts);
     at::Tensor dgu_buf = at::empty({max_rows * 2 * I}, opts);
+    at::Tensor scratch;  // fp32 results of the bf16 NN kernel, grown on first use
     for (int64_t e = 0; e < n; ++e) {
       const int64_t r = g.off[e + 1] - g.off[e];
       if (r == 0) {  // no rows: exact zero weight gradients, no other work
@@ -605,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
       at::Tensor dgu = dgu_buf.narrow(0, 0, r * 2 * I).view({r, 2 * I});
       if (need_G) {
         RECORD_FUNCTION("adamoe_cpu::bwd_dy_down", std::vector<c10::IValue>());
-        mm_nn(G, dYe, down[e], row_limit(kSmallGemmMaxRowsG, kSmallGemmMaxRowsNN));
+        mm_nn(G, dYe, down[e], row_limit(kSmallGemmMaxRowsG, kSmallGemmMaxRowsNN), scratch);
       } else {
         G.zero_();  // only w*h is wanted
       }
@@ -629,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
       if (need_hidden) {
         RECORD_FUNCTION("adamoe_cpu::bwd_dx", std::vector<c10::IValue>());
         at::Tensor out = dX.narrow(0, g.off[e], r);
-        mm_nn(out, dgu, gate_up[e], row_limit(kSmallGemmMaxRowsDx, kSmallGemmMaxRowsNN));
+        mm_nn(out, dgu, gate_up[e], row_limit(kSmallGemmMaxRowsDx, kSmallGemmMaxRowsNN), scratch);
       }
     }
   } else if (A == 0) {
