@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, check_choice,
+from ._contract import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, check_choice,
                           check_int, check_tensor)
 from .moe import moe_mlp
 from .modules import route_with_null_bias

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_route_args, check_tensor
+from ._contract import check_route_args, check_tensor
 
 
 def _stack_layers(router_logits):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from . import reference
 from ._backend import resolve_backend
-from ._validation import check_moe_mlp_args
-from .routing import Routing
+from ._contract import Routing, check_moe_mlp_args
 
 
 def moe_mlp(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -32,8 +32,6 @@ def moe_mlp(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     check_moe_mlp_args(hidden, gate_up_proj, down_proj, routing, null_kind)
     which = resolve_backend(backend, hidden.device)
     if which == "torch":
-        from . import reference
-
         return reference.moe_mlp(hidden, gate_up_proj, down_proj, routing, null_kind)
     if which == "cpu":
         from .ops.cpu import moe_mlp_cpu as impl

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_moe_mlp_args, check_route_args, check_tensor
-from .routing import Routing
+from ._contract import (Routing, check_moe_lora_args, check_moe_mlp_args, check_route_args,
+                        check_tensor)
 
 
 def normalize_topk(topk_probs: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
@@ -152,8 +152,6 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
 
     ``x [T, in]``, ``lora_A [n, r, in]``, ``lora_B [n, out, r]``; returns ``[T, out]`` in x's dtype.
     """
-    from .lora import check_moe_lora_args
-
     check_moe_lora_args(x, lora_A, lora_B, routing, scaling)
     n = lora_A.shape[0]
     ids = routing.topk_ids.long()

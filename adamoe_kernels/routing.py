@@ -1,52 +1,14 @@
-"""Public routing API: ``route`` and the ``Routing`` it returns."""
+"""Public routing API: ``route`` and the ``Routing`` it returns (defined in ``_contract``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from . import reference
 from ._backend import resolve_backend
-from ._validation import check_route_args
+from ._contract import Routing, check_route_args
 
-
-@dataclass
-class Routing:
-    """Where each token goes, grouped by true expert. Produced by ``route``; consumed by ``moe_mlp``.
-
-    Attributes:
-        topk_ids:       int32   [T, k]    expert ids in ``[0, n+m)``, by descending probability.
-        topk_weights:   float32 [T, k]    routing weights (0 on null slots for ``normalize="true"``);
-                                          differentiable w.r.t. the router logits.
-        expert_counts:  int32   [n]       true assignments per true expert.
-        expert_offsets: int32   [n+1]     exclusive prefix sum of ``expert_counts``.
-        sorted_slots:   int32   [T*k]     flat slot ids ``t*k+j``: the first ``expert_offsets[-1]``
-                                          are the true slots grouped by expert (expert 0 first), in
-                                          slot order within an expert; the null slots follow, also in
-                                          slot order (so the whole tensor is a permutation).
-        normalize:      str               the ``normalize`` mode the weights were made with.
-    """
-
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
-    expert_counts: torch.Tensor
-    expert_offsets: torch.Tensor
-    sorted_slots: torch.Tensor
-    normalize: str = "true"
-
-    @property
-    def num_experts(self) -> int:
-        """``n``, the number of true experts."""
-        return self.expert_counts.shape[0]
-
-    @property
-    def top_k(self) -> int:
-        return self.topk_ids.shape[1]
-
-    def load(self) -> torch.Tensor:
-        """The load L: mean number of true experts per token (a 0-d float tensor, no host sync)."""
-        T = max(self.topk_ids.shape[0], 1)
-        return self.expert_offsets[-1].float() / T
+__all__ = ["Routing", "route"]
 
 
 def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: str = "true",
@@ -79,8 +41,6 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
                      selection_bias=selection_bias)
     which = resolve_backend(backend, router_logits.device)
     if which == "torch":
-        from . import reference
-
         return reference.route(router_logits, top_k, num_experts, normalize, top_p=top_p,
                                selection_bias=selection_bias)
     if which == "cpu":

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._validation import NORMALIZE_MODES, NULL_KINDS, check_choice, check_int
+from .._contract import NORMALIZE_MODES, NULL_KINDS, check_choice, check_int
 from ..losses import null_aware_aux_loss
 from ..modules import AdaMoELoRALinear, AdaMoERouter, _AdaMoELayer
 from ..moe import moe_mlp

@@ -1,4 +1,8 @@
-"""Input checks shared by every public function.
+"""The contract every public function and the oracle share: ``Routing`` and the input checks.
+
+The public API (``routing``, ``moe``, ``lora``, ``losses``) and the oracle (``reference``) both
+import this module and nothing of each other's internals, so neither depends on the other to know
+what a valid input is.
 
 Metadata checks (types, ranks, shapes, dtypes, devices, ``top_k``) are free and always on.
 The non-finite check reads the data: it runs on CPU tensors, on CUDA only when asked
@@ -8,12 +12,53 @@ The non-finite check reads the data: it runs on CPU tensors, on CUDA only when a
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORMALIZE_MODES = ("true", "all", "none")
 NULL_KINDS = ("zero", "identity")
+MAX_LORA_RANK = 256
+
+
+@dataclass
+class Routing:
+    """Where each token goes, grouped by true expert. Produced by ``route``; consumed by ``moe_mlp``.
+
+    Attributes:
+        topk_ids:       int32   [T, k]    expert ids in ``[0, n+m)``, by descending probability.
+        topk_weights:   float32 [T, k]    routing weights (0 on null slots for ``normalize="true"``);
+                                          differentiable w.r.t. the router logits.
+        expert_counts:  int32   [n]       true assignments per true expert.
+        expert_offsets: int32   [n+1]     exclusive prefix sum of ``expert_counts``.
+        sorted_slots:   int32   [T*k]     flat slot ids ``t*k+j``: the first ``expert_offsets[-1]``
+                                          are the true slots grouped by expert (expert 0 first), in
+                                          slot order within an expert; the null slots follow, also in
+                                          slot order (so the whole tensor is a permutation).
+        normalize:      str               the ``normalize`` mode the weights were made with.
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    expert_counts: torch.Tensor
+    expert_offsets: torch.Tensor
+    sorted_slots: torch.Tensor
+    normalize: str = "true"
+
+    @property
+    def num_experts(self) -> int:
+        """``n``, the number of true experts."""
+        return self.expert_counts.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids.shape[1]
+
+    def load(self) -> torch.Tensor:
+        """The load L: mean number of true experts per token (a 0-d float tensor, no host sync)."""
+        T = max(self.topk_ids.shape[0], 1)
+        return self.expert_offsets[-1].float() / T
 
 
 def _is_compiling() -> bool:
@@ -126,8 +171,6 @@ def check_moe_mlp_args(hidden, gate_up_proj, down_proj, routing, null_kind) -> N
 
 
 def check_routing(routing, num_tokens: int, num_experts: int) -> None:
-    from .routing import Routing
-
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be an adamoe_kernels.Routing, got {type(routing).__name__}")
     ids, w = routing.topk_ids, routing.topk_weights
@@ -159,3 +202,47 @@ def check_routing(routing, num_tokens: int, num_experts: int) -> None:
                     ("routing.sorted_slots", routing.sorted_slots)):
         if t.device != routing.topk_ids.device:
             raise ValueError(f"{name} is on {t.device} but routing.topk_ids is on {ids.device}")
+
+
+
+def check_moe_lora_args(x, lora_A, lora_B, routing, scaling) -> None:
+    """Metadata checks of ``moe_lora`` (free, always on): types, shapes, dtypes, devices, routing."""
+    check_tensor("x", x, ndim=2, dtypes=SUPPORTED_FLOAT_DTYPES)
+    check_tensor("lora_A", lora_A, ndim=3, dtypes=SUPPORTED_FLOAT_DTYPES)
+    check_tensor("lora_B", lora_B, ndim=3, dtypes=SUPPORTED_FLOAT_DTYPES)
+    for name, w in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but x has dtype {x.dtype}")
+        check_same_device(name, w, "x", x)
+    T, in_f = x.shape
+    n, r, a_in = lora_A.shape
+    if n < 1:
+        raise ValueError(f"lora_A must hold at least one expert (shape[0] >= 1), got {n}")
+    if r < 1 or r > MAX_LORA_RANK:
+        raise ValueError(f"lora_A.shape[1] is the rank r, must be in [1, {MAX_LORA_RANK}], got {r}")
+    if a_in != in_f:
+        raise ValueError(f"lora_A.shape[2] ({a_in}) must equal x.shape[1] ({in_f})")
+    if lora_B.shape[0] != n or lora_B.shape[2] != r or lora_B.shape[1] < 1:
+        raise ValueError(
+            f"lora_B must have shape (n, out, r) = ({n}, out, {r}) with out >= 1, "
+            f"got {tuple(lora_B.shape)}"
+        )
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    if scaling != scaling or scaling in (float("inf"), float("-inf")):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be an adamoe_kernels.Routing, got {type(routing).__name__}")
+    if isinstance(routing.expert_counts, torch.Tensor) and routing.expert_counts.dim() == 1 \
+            and routing.expert_counts.shape[0] != n:
+        raise ValueError(
+            f"routing has {routing.expert_counts.shape[0]} true experts (routing.expert_counts) "
+            f"but lora_A has n = {n}"
+        )
+    if isinstance(routing.topk_ids, torch.Tensor) and routing.topk_ids.dim() == 2 \
+            and routing.topk_ids.shape[0] != T:
+        raise ValueError(
+            f"routing.topk_ids has {routing.topk_ids.shape[0]} tokens but x has {T} rows"
+        )
+    check_routing(routing, T, n)
+    check_same_device("routing.topk_ids", routing.topk_ids, "x", x)
