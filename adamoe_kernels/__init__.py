@@ -9,7 +9,7 @@ Public API (names fixed by DESIGN.md)::
 
 from . import reference
 from . import distributed
-from ._backend import BACKENDS, resolve_backend
+from .ops.backend import BACKENDS, resolve_backend
 from .integrations import add_mo_lora, convert_model, expert_load, from_pretrained
 from .load_control import LoadController, set_target_load, set_top_p
 from .lora import moe_lora

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ._backend import BACKENDS, resolve_backend
+from .ops.backend import BACKENDS, resolve_backend
 from .integrations import (SUPPORTED_MOE_MODELS, add_mo_lora, convert_model, expert_load,
                            from_pretrained)
 from .losses import AlphaSchedule

@@ -12,8 +12,8 @@ import os
 import torch
 
 from . import reference
-from ._backend import resolve_backend
 from ._contract import Routing, check_moe_lora_args
+from .ops.backend import resolve_backend
 
 
 def _requested_backend(backend: str | None) -> str | None:
@@ -37,7 +37,7 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
             to the router logits).
         scaling: the LoRA scale (``lora_alpha / r``).
         backend: ``"triton"`` (the kernels), ``"torch"`` (the reference) or ``"cpu"`` (no C++
-            kernel for LoRA experts: runs the reference on CPU tensors); default as in ``_backend``.
+            kernel for LoRA experts: runs the reference on CPU tensors); default as in ``ops.backend``.
 
     Returns:
         ``[T, out]`` in x's dtype. Differentiable w.r.t. ``x``, ``lora_A``, ``lora_B`` and

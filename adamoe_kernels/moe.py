@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import resolve_backend
 from ._contract import Routing, check_moe_mlp_args
+from .ops.backend import resolve_backend
 
 
 def moe_mlp(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -23,7 +23,7 @@ def moe_mlp(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
         down_proj: ``[n, H, I]``, hidden's dtype and device.
         routing: from ``route`` (its ``topk_weights`` carry the gradient to the router logits).
         null_kind: ``"zero"`` or ``"identity"`` (needs ``normalize`` ``"all"`` or ``"none"``).
-        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``_backend``.
+        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``ops.backend``.
 
     Returns:
         ``[T, H]`` in hidden's dtype. Differentiable w.r.t. hidden, both weights and

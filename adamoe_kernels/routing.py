@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import resolve_backend
 from ._contract import Routing, check_route_args
+from .ops.backend import resolve_backend
 
 __all__ = ["Routing", "route"]
 
@@ -29,7 +29,7 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
         selection_bias: ``[n+m]`` float added to the logits only to *choose* the experts (the
             weights use the unbiased probabilities): the load dial (a bias on the null columns)
             and auxiliary-loss-free balancing.
-        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``_backend``. Every
+        backend: ``"triton"``, ``"cpu"`` or ``"torch"``; default as in ``ops.backend``. Every
             backend does top-p and the selection bias natively (triton and cpu in their fused
             routing).
         check_finite: also check for NaN/Inf on CUDA (costs a host sync). CPU always checks.

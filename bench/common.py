@@ -35,7 +35,7 @@ if str(REPO_DIR) not in sys.path:  # run from a checkout without `pip install -e
     sys.path.insert(0, str(REPO_DIR))
 
 import adamoe_kernels as ak  # noqa: E402
-from adamoe_kernels._backend import cpu_extension_available  # noqa: E402
+from adamoe_kernels.ops.backend import cpu_extension_available  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adamoe_kernels as ak
-from adamoe_kernels._backend import cpu_extension_available
+from adamoe_kernels.ops.backend import cpu_extension_available
 from adamoe_kernels.distributed import ExpertParallelMoE, combine
 
 BACKENDS = ["torch"] + (["cpu"] if cpu_extension_available() else [])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import adamoe_kernels as ak
-from adamoe_kernels._backend import cpu_extension_available
+from adamoe_kernels.ops.backend import cpu_extension_available
 from adamoe_kernels.load_control import adamoe_layers
 
 

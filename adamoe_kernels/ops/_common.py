@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import interpreter_enabled
+from .backend import interpreter_enabled
 
 
 @dataclass(frozen=True)

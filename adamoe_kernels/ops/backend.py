@@ -23,7 +23,7 @@ def interpreter_enabled() -> bool:
 
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.adamoe.*_cpu)
+    from .. import _C  # noqa: F401  (registers torch.ops.adamoe.*_cpu)
 
     _CPU_EXTENSION_AVAILABLE = True
 except ImportError:
