@@ -7,16 +7,18 @@ Public API (names fixed by DESIGN.md)::
     loss = null_aware_aux_loss(router_logits, top_k, num_experts, attention_mask=None)
 """
 
+# Layered as docs/architecture.md says: kernels/ -> ops/ -> this package's functional API
+# (routing, moe, lora, losses; reference beside it) -> integrations/ -> training/.
 from . import reference
-from . import distributed
-from .ops.backend import BACKENDS, resolve_backend
-from .integrations import add_mo_lora, convert_model, expert_load, from_pretrained
-from .load_control import LoadController, set_target_load, set_top_p
+from .integrations import add_mo_lora, convert_model, expert_load, from_pretrained, load_control
+from .integrations.load_control import LoadController, set_target_load, set_top_p
+from .integrations.modules import AdaMoEBlock, AdaMoELoRALinear
 from .lora import moe_lora
 from .losses import AlphaSchedule, null_aware_aux_loss
-from .modules import AdaMoEBlock, AdaMoELoRALinear
 from .moe import moe_mlp
+from .ops.backend import BACKENDS, resolve_backend
 from .routing import Routing, route
+from .training import distributed
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ Two dials, each swept on the same model, measured on held-out windows the model 
   its top-k whose probability mass reaches ``p``.
 
 Per point: the load reached on the eval windows (``ak.expert_load``, mean over layers and
-batches), the eval loss (``adamoe_kernels.finetune.evaluate``), and the forward time of one eval
+batches), the eval loss (``adamoe_kernels.training.finetune.evaluate``), and the forward time of one eval
 batch (``torch.no_grad()``, all points timed interleaved with ``common.bench_many``). Reference
 points: the fine-tuned model as trained (``natural``: bias 0, no top-p) and, for time only, the
 same weights with the null experts removed (``top2_same_weights``: ``ak.convert_model(copy, 0, 2)``
@@ -42,8 +42,8 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from common import ak  # noqa: E402
-from adamoe_kernels import finetune as ft  # noqa: E402
-from adamoe_kernels.load_control import adamoe_layers, reset_null_bias  # noqa: E402
+from adamoe_kernels.training import finetune as ft  # noqa: E402
+from adamoe_kernels.integrations.load_control import adamoe_layers, reset_null_bias  # noqa: E402
 
 SCRIPT = "load_dial"
 LOADS = (3.0, 2.5, 2.0, 1.5, 1.0, 0.75, 0.5, 0.25)  # clipped to <= k

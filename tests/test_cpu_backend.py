@@ -177,7 +177,7 @@ def test_route_extensions_ties_lower_index():
 
 
 def test_route_extensions_bad_args_raise():
-    """The op itself validates top_p and selection_bias (messages as _validation.py's)."""
+    """The op itself validates top_p and selection_bias (messages as _contract.py's)."""
     lg = _logits(5, 4, 2)
     op = torch.ops.adamoe.route_cpu
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):

@@ -21,7 +21,7 @@ from torch import nn
 
 import adamoe_kernels as ak
 from adamoe_kernels.ops.backend import cpu_extension_available
-from adamoe_kernels.distributed import ExpertParallelMoE, combine
+from adamoe_kernels.training.distributed import ExpertParallelMoE, combine
 
 BACKENDS = ["torch"] + (["cpu"] if cpu_extension_available() else [])
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2)}

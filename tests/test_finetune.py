@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from adamoe_kernels import finetune  # noqa: E402
+from adamoe_kernels.training import finetune  # noqa: E402
 
 
 def test_finetune_main_end_to_end(tmp_path, capsys):

@@ -7,7 +7,7 @@ from torch import nn
 
 import adamoe_kernels as ak
 from adamoe_kernels.ops.backend import cpu_extension_available
-from adamoe_kernels.load_control import adamoe_layers
+from adamoe_kernels.integrations.load_control import adamoe_layers
 
 
 class _Residual(nn.Module):

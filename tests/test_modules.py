@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adamoe_kernels as ak
-from adamoe_kernels.modules import AdaMoEBlock, AdaMoELoRALinear, AdaMoERouter
+from adamoe_kernels.integrations.modules import AdaMoEBlock, AdaMoELoRALinear, AdaMoERouter
 
 H, I, N = 32, 64, 4
 

@@ -1,6 +1,9 @@
-"""Integrations with model libraries (transformers v5): MoE conversion, Mo-LoRA, save/reload.
+"""Layer 3 of the package (see ``docs/architecture.md``): models built on the functional API.
 
-transformers is imported only when these functions run.
+* ``modules.py``: the ``nn.Module`` layers (``AdaMoEBlock``, ``AdaMoELoRALinear``, ``AdaMoERouter``);
+* ``load_control.py``: the load dial and top-p on those layers (``ak.load_control``);
+* ``hf_models.py``: transformers v5 (MoE conversion, Mo-LoRA, the ``"adamoe"`` experts
+  implementation, save/reload). transformers is imported only when these functions run.
 """
 
 from .hf_models import (DEFAULT_MO_LORA_TARGETS, SUPPORTED_MOE_MODELS, AdaMoESparseMoeBlock,

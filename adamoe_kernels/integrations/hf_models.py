@@ -32,12 +32,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._contract import NORMALIZE_MODES, NULL_KINDS, check_choice, check_int
+from .._contract import NORMALIZE_MODES, NULL_KINDS, Routing, check_choice, check_int
 from ..losses import null_aware_aux_loss
-from ..modules import AdaMoELoRALinear, AdaMoERouter, _AdaMoELayer
 from ..moe import moe_mlp
 from ..reference import group_slots
-from ..routing import Routing
+from .modules import AdaMoELoRALinear, AdaMoERouter, _AdaMoELayer
 
 __all__ = [
     "DEFAULT_MO_LORA_TARGETS",

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._contract import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, check_choice,
-                          check_int, check_tensor)
+from .._contract import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, check_choice,
+                           check_int, check_tensor)
+from ..lora import moe_lora
+from ..losses import null_aware_aux_loss
+from ..moe import moe_mlp
+from ..routing import Routing, route
 from .load_control import null_selection_bias
-from .lora import moe_lora
-from .losses import null_aware_aux_loss
-from .moe import moe_mlp
-from .routing import Routing, route
 
 __all__ = ["AdaMoEBlock", "AdaMoELoRALinear", "AdaMoERouter", "route_with_null_bias"]
 

@@ -1,4 +1,4 @@
-"""Fine-tune a transformers model with null experts: ``python -m adamoe_kernels.finetune``.
+"""Fine-tune a transformers model with null experts: ``python -m adamoe_kernels.training.finetune``.
 
 With no arguments it runs an embedded demo that needs no network: a tiny Mixtral (byte-level,
 ``n = 8`` experts, top-2) is first trained briefly as a plain top-2 MoE on part of the Python docs
@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .ops.backend import BACKENDS, resolve_backend
-from .integrations import (SUPPORTED_MOE_MODELS, add_mo_lora, convert_model, expert_load,
-                           from_pretrained)
-from .losses import AlphaSchedule
+from ..integrations import (SUPPORTED_MOE_MODELS, add_mo_lora, convert_model, expert_load,
+                            from_pretrained)
+from ..losses import AlphaSchedule
+from ..ops.backend import BACKENDS, resolve_backend
 
 
 # ---- data -------------------------------------------------------------------------------------

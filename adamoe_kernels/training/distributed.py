@@ -38,11 +38,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._contract import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, check_choice,
-                          check_int, check_tensor)
-from .moe import moe_mlp
-from .modules import route_with_null_bias
-from .routing import Routing
+from .._contract import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, Routing,
+                           check_choice, check_int, check_tensor)
+from ..integrations.modules import route_with_null_bias
+from ..moe import moe_mlp
 
 __all__ = ["DispatchStats", "ExpertParallelMoE", "combine"]
 

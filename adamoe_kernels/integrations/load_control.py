@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ._contract import check_top_p
+from .._contract import check_top_p
 
 BIAS_LIMIT = 30.0  # |null_bias| beyond this changes no routing decision in fp32 softmax
 
