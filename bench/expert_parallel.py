@@ -28,8 +28,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import common  # noqa: E402
-from common import ak  # noqa: E402
+# harness first: importing it puts the repository on sys.path (a checkout without pip install)
+from harness import cli, plotting, provenance, results, timing, workload  # noqa: E402
+import adamoe_kernels as ak  # noqa: E402
 
 SCRIPT = "expert_parallel"
 NUM_EXPERTS = 8
@@ -38,15 +39,15 @@ SHAPES = {"quick": (1024, 2816, 512), "full": (2048, 5632, 1024)}
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__.split("\n\n")[0])
+    p = cli.make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--world-size", type=int, default=2, help="number of processes (ranks)")
     p.add_argument("--hidden", type=int, default=None, help="H (default by --quick/device)")
     p.add_argument("--intermediate", type=int, default=None, help="I")
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank")
-    p.add_argument("--loads", type=float, nargs="+", default=list(common.PAPER_LOADS),
+    p.add_argument("--loads", type=float, nargs="+", default=list(workload.PAPER_LOADS),
                    help="target loads L for the AdaMoE settings")
     p.add_argument("--configs", nargs="+", default=None,
-                   choices=[c[0] for c in common.ADAMOE_CONFIGS],
+                   choices=[c[0] for c in workload.ADAMOE_CONFIGS],
                    help="AdaMoE settings (default: m8k3 with --quick, all otherwise)")
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     return p.parse_args(argv)
@@ -66,7 +67,7 @@ def padded_bytes(logits, k, bias, world, T_local, H, element_size):
     """Bytes a null-oblivious dispatcher sends (all ranks, dispatch + return): every slot is
     shipped, null slots remapped to expert 0 (rank 0)."""
     if bias is not None:
-        logits = logits + common.null_bias_vector(NUM_EXPERTS, logits.shape[1] - NUM_EXPERTS, bias)
+        logits = logits + workload.null_bias_vector(NUM_EXPERTS, logits.shape[1] - NUM_EXPERTS, bias)
     ids = torch.topk(torch.softmax(logits.float(), -1), k, dim=-1).indices
     ids = torch.where(ids < NUM_EXPERTS, ids, torch.zeros_like(ids))
     owner = ids // (NUM_EXPERTS // world)
@@ -83,13 +84,13 @@ def worker(rank, world, init_file, args, plan, out_file):
     device = torch.device("cpu")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=300))
-    dtype = common.DTYPES[args.dtype]
-    backend = common.resolve_bench_backend(args.backend, device)
+    dtype = cli.DTYPES[args.dtype]
+    backend = cli.resolve_bench_backend(args.backend, device)
     H, I, T = plan["H"], plan["I"], plan["T"]
     prob = make_problem(T * world, H, I, plan["max_null"], dtype, args.seed)
     sl = slice(rank * T, (rank + 1) * T)
     warmup = args.warmup if args.warmup is not None else 1
-    reps = common.reps_for(args, device, quick_default=10, full_default=10)
+    reps = cli.reps_for(args, device, quick_default=10, full_default=10)
 
     # Build every point first, then time them interleaved (round-robin), so a change in the
     # machine's load hits all loads alike. Every timed call ends in a barrier.
@@ -99,9 +100,9 @@ def worker(rank, world, init_file, args, plan, out_file):
         if m == 0:
             cal = {"bias": None, "load": float(k), "hit": True}
         else:
-            cal = common.calibrate_null_bias(
-                lambda b: common.routing_load(full_logits, k, NUM_EXPERTS, m, b),
-                target, tol=common.load_tolerance(T * world))
+            cal = workload.calibrate_null_bias(
+                lambda b: workload.routing_load(full_logits, k, NUM_EXPERTS, m, b),
+                target, tol=workload.load_tolerance(T * world))
         layer = ak.distributed.ExpertParallelMoE.from_dense(
             (prob["router"][:NUM_EXPERTS + m], prob["gate_up"], prob["down"]), top_k=k,
             backend=backend)
@@ -130,12 +131,12 @@ def worker(rank, world, init_file, args, plan, out_file):
         return call, [xg, *layer.parameters()]
 
     modes = {"fwd": fwd} if args.no_backward else {"fwd": fwd, "fwdbwd": fwdbwd}
-    bar = common.progress(range(len(modes) * (warmup + max(reps, 1))), desc=SCRIPT,
+    bar = cli.progress(range(len(modes) * (warmup + max(reps, 1))), desc=SCRIPT,
                           disable=args.no_progress or rank != 0)
     ticks = iter(bar)
     for mode, make in modes.items():
         dist.barrier()
-        timings = common.bench_many({i: make(layer) for i, layer in enumerate(layers)}, device,
+        timings = timing.bench_many({i: make(layer) for i, layer in enumerate(layers)}, device,
                                     warmup=warmup, reps=reps, on_round=lambda: next(ticks, None))
         for i, row in enumerate(rows):
             row[f"{mode}_ms"], row[f"{mode}_timing"] = timings[i]["ms"], timings[i]
@@ -153,7 +154,7 @@ def worker(rank, world, init_file, args, plan, out_file):
 
 
 def plot(rows, meta, path):
-    plt = common.pyplot()
+    plt = plotting.pyplot()
     if plt is None:
         return None
     base = next((r for r in rows if r["config"] == "top2"), None)
@@ -186,28 +187,25 @@ def plot(rows, meta, path):
     fig.suptitle(f"expert parallel, W={meta['world_size']} ({meta['process_group_backend']}), "
                  f"H={meta['H']} I={meta['I']} T/rank={meta['tokens_per_rank']}, "
                  f"{meta['dtype']}, {meta['device_description']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     if device.type != "cpu":
         raise SystemExit("this script runs W processes on CPU with gloo; --device cpu")
     if NUM_EXPERTS % args.world_size:
         raise SystemExit(f"--world-size must divide n = {NUM_EXPERTS}")
     H, I, T = SHAPES["quick" if args.quick else "full"]
     H, I, T = args.hidden or H, args.intermediate or I, args.tokens or T
-    configs = args.configs or (["m8k3"] if args.quick else [c[0] for c in common.ADAMOE_CONFIGS])
-    settings = [c for c in common.ADAMOE_CONFIGS if c[0] in configs]
-    points = [(*common.TOP2, 2.0)] + [(lb, m, k, L) for lb, m, k in settings for L in args.loads]
+    configs = args.configs or (["m8k3"] if args.quick else [c[0] for c in workload.ADAMOE_CONFIGS])
+    settings = [c for c in workload.ADAMOE_CONFIGS if c[0] in configs]
+    points = [(*workload.TOP2, 2.0)] + [(lb, m, k, L) for lb, m, k in settings for L in args.loads]
     plan = {"H": H, "I": I, "T": T, "points": points,
             "max_null": max([m for _, m, _ in settings] + [0])}
-    backend = common.resolve_bench_backend(args.backend, device)
-    meta = common.environment(device, common.DTYPES[args.dtype], backend)  # loadavg before the run
+    backend = cli.resolve_bench_backend(args.backend, device)
+    meta = provenance.environment(device, cli.DTYPES[args.dtype], backend)  # loadavg before the run
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rows.pt")
         mp.start_processes(worker, args=(args.world_size, os.path.join(tmp, "pg"), args, plan,
@@ -223,14 +221,14 @@ def main(argv=None):
         meta["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
-    out = common.output_dir(args, device)
-    stem = common.result_stem(SCRIPT, args.quick)
+    out = results.output_dir(args, device)
+    stem = results.result_stem(SCRIPT, args.quick)
     cols = [("config", "config"), ("load_measured", "L"), ("rows_sent_total", "rows sent"),
             ("bytes_sent_total", "bytes sent"), ("bytes_null_padded_total", "bytes, nulls shipped"),
             ("fwd_ms", "fwd ms"), ("fwdbwd_ms", "fwd+bwd ms")]
-    common.save_results(args, out, stem, meta, rows, plot, [(rows, cols)])
+    results.save_results(args, out, stem, meta, rows, plot, [(rows, cols)])
 
 
 if __name__ == "__main__":
-    common.reexec_with_cpu_malloc()
+    cli.reexec_with_cpu_malloc()
     main()

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import common  # noqa: E402
-from common import ak  # noqa: E402
+# harness first: importing it puts the repository on sys.path (a checkout without pip install)
+from harness import cli, plotting, provenance, results, timing, workload  # noqa: E402
+import adamoe_kernels as ak  # noqa: E402
 
 SCRIPT = "finetune_step"
 
@@ -46,14 +47,14 @@ MOLORA_EXPERTS = 4
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__.split("\n\n")[0])
+    p = cli.make_parser(__doc__.split("\n\n")[0])
     for key in SIZES["cpu"]:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"model/batch {key}")
     p.add_argument("--num-experts", type=int, default=8, help="n true experts")
     p.add_argument("--loads", type=float, nargs="+", default=None,
                    help="target loads for the AdaMoE settings (default 1.66 1.0; quick 1.0)")
     p.add_argument("--configs", nargs="+", default=None,
-                   choices=[c[0] for c in common.ADAMOE_CONFIGS + MOLORA_CONFIGS],
+                   choices=[c[0] for c in workload.ADAMOE_CONFIGS + MOLORA_CONFIGS],
                    help="AdaMoE settings (default: m8k3 m16k4; llama-molora: m5k2 m9k4)")
     p.add_argument("--no-hf-baseline", action="store_true", help="skip the unmodified transformers row")
     p.add_argument("--impl", default="blocks", choices=["blocks", "convert_model"])
@@ -142,7 +143,7 @@ def bench_blocks(model):
 def _package_calibration(model, ids, tokens):
     """Load calibration through ``ak.load_control.set_target_load`` (per-layer null biases)."""
     def calibrate(target):
-        tol = max(0.02, common.load_tolerance(tokens))
+        tol = max(0.02, workload.load_tolerance(tokens))
         loads = ak.load_control.set_target_load(model, target, input_ids=ids, tol=tol)
         load = sum(loads) / len(loads)
         biases = [float(layer.null_bias) for layer in ak.load_control.adamoe_layers(model)]
@@ -189,8 +190,8 @@ def build_setting(base, label, m, k, args, backend, ids, tokens):
                 model(input_ids=ids)
             return model_load(model)
 
-        cal = common.calibrate_null_bias(load_of_bias, target, max_iter=30,
-                                         tol=max(0.02, common.load_tolerance(tokens)))
+        cal = workload.calibrate_null_bias(load_of_bias, target, max_iter=30,
+                                         tol=max(0.02, workload.load_tolerance(tokens)))
         load_of_bias(cal["bias"])
         return cal
 
@@ -240,25 +241,25 @@ def prepare(base, setting, ids, tokens, args, backend):
     return row, step, state
 
 
-def finish_row(row, state, timing, tokens):
+def finish_row(row, state, step_timing, tokens):
     load_end = model_load(state["model"]) if row["m"] else 2.0
     if row["load"] is None:
         row["load"] = load_end
-    row.update(load_after_steps=load_end, step_ms=timing["ms"], step_timing=timing,
-               tokens_per_s=tokens / timing["ms"] * 1e3,
+    row.update(load_after_steps=load_end, step_ms=step_timing["ms"], step_timing=step_timing,
+               tokens_per_s=tokens / step_timing["ms"] * 1e3,
                loss=float(state["loss"]) if "loss" in state else None)
     return row
 
 
 def run(args):
-    device = common.resolve_device(args.device)
-    dtype = common.DTYPES[args.dtype]
-    backend = common.resolve_bench_backend(args.backend, device)
-    common.apply_threads(args, device)
-    common.seed_all(args.seed)
+    device = cli.resolve_device(args.device)
+    dtype = cli.DTYPES[args.dtype]
+    backend = cli.resolve_bench_backend(args.backend, device)
+    cli.apply_threads(args, device)
+    cli.seed_all(args.seed)
     size_key, s = sizes(args, device)
     warmup = args.warmup if args.warmup is not None else 2  # AdamW state, allocator, oneDNN caches
-    steps = common.reps_for(args, device, quick_default=8, full_default=10)
+    steps = cli.reps_for(args, device, quick_default=8, full_default=10)
     loads = args.loads or ([1.0] if args.quick else [1.66, 1.0])
 
     if args.model == "llama-molora":
@@ -270,16 +271,16 @@ def run(args):
         if args.impl == "convert_model" and not hasattr(ak, "convert_model"):
             raise SystemExit("--impl convert_model needs ak.convert_model (adamoe_kernels.integrations)")
         base = tiny_mixtral(s, args.num_experts, dtype, device, args.seed)
-        configs = common.ADAMOE_CONFIGS
+        configs = workload.ADAMOE_CONFIGS
     chosen = args.configs or [c[0] for c in configs]
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=gen).to(device)
     tokens = s["batch"] * s["seq"]
 
     plan = [] if args.no_hf_baseline or args.model == "llama-molora" else [("top2-hf", 0, 2, 2.0)]
-    plan.append((*common.TOP2, 2.0))
+    plan.append((*workload.TOP2, 2.0))
     plan += [(c, m, k, L) for c, m, k in configs if c in chosen for L in loads if L <= k]
-    bar = common.progress_bar(len(plan) + common.bench_rounds(len(plan), device, warmup, steps),
+    bar = cli.progress_bar(len(plan) + timing.bench_rounds(len(plan), device, warmup, steps),
                               desc=SCRIPT, disable=args.no_progress)
 
     rows = []
@@ -287,7 +288,7 @@ def run(args):
         for setting in plan:
             row, step, state = prepare(base, setting, ids, tokens, args, backend)
             bar.update()
-            rows.append(finish_row(row, state, common.bench_fn(step, device, warmup=warmup, reps=steps),
+            rows.append(finish_row(row, state, timing.bench_fn(step, device, warmup=warmup, reps=steps),
                                    tokens))
             bar.update()
             del state, step
@@ -297,7 +298,7 @@ def run(args):
         for setting in plan:
             prepared.append(prepare(base, setting, ids, tokens, args, backend))
             bar.update()
-        timings = common.bench_many({i: (step, None) for i, (_, step, _) in enumerate(prepared)}, device,
+        timings = timing.bench_many({i: (step, None) for i, (_, step, _) in enumerate(prepared)}, device,
                                     warmup=warmup, reps=steps, on_round=bar.update)
         rows = [finish_row(row, state, timings[i], tokens) for i, (row, _, state) in enumerate(prepared)]
         del prepared
@@ -314,7 +315,7 @@ TABLE_COLUMNS = [("config", "config"), ("load_target", "L target"), ("load", "L 
 
 
 def plot(rows, meta, path):
-    plt = common.pyplot()
+    plt = plotting.pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -326,31 +327,28 @@ def plot(rows, meta, path):
     ax.set_title(f"tiny Mixtral train step — {meta['device_name']}, {meta['dtype']}, {meta['backend']}",
                  fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, dtype, backend, size_key, s, rows = run(args)
-    meta = common.environment(device, dtype, backend)
+    meta = provenance.environment(device, dtype, backend)
     model_desc = ("LlamaForCausalLM + ak.add_mo_lora (n=4, rank 8)" if args.model == "llama-molora"
                   else "MixtralForCausalLM")
     meta.update(script=SCRIPT, quick=args.quick, model=f"{model_desc} (random init)",
                 model_size=size_key, sizes=s, num_experts=args.num_experts, impl=args.impl, lr=args.lr,
                 aux_alpha=args.aux_alpha, freeze_experts=args.freeze_experts, tokens_per_step=s["batch"] * s["seq"],
                 step="zero_grad + forward + CE loss + alpha*aux loss + backward + AdamW step")
-    out = common.output_dir(args, device)
+    out = results.output_dir(args, device)
     variant = ("_molora" if args.model == "llama-molora" else "") + (
         "_convert_model" if args.impl == "convert_model" and args.model == "mixtral" else "") + (
         "_frozen_experts" if args.freeze_experts else "")
-    stem = common.result_stem(SCRIPT + variant, args.quick)
-    return common.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)],
+    stem = results.result_stem(SCRIPT + variant, args.quick)
+    return results.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)],
                                header=f"{size_key} {s}")
 
 
 if __name__ == "__main__":
-    common.reexec_with_cpu_malloc()
+    cli.reexec_with_cpu_malloc()
     main()

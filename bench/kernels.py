@@ -29,8 +29,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import common  # noqa: E402
-from common import ak  # noqa: E402
+# harness first: importing it puts the repository on sys.path (a checkout without pip install)
+from harness import cli, plotting, provenance, results, timing, workload  # noqa: E402
+import adamoe_kernels as ak  # noqa: E402
 
 SCRIPT = "kernels"
 NUM_EXPERTS = 8
@@ -45,7 +46,7 @@ BATCHED_MM_BYTES_LIMIT = 512 << 20
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__.split("\n\n")[0])
+    p = cli.make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=None, help="H (with --intermediate and --tokens)")
     p.add_argument("--intermediate", type=int, default=None, help="I")
     p.add_argument("--tokens", type=int, default=None, help="T for the GEMM part")
@@ -94,9 +95,9 @@ def torch_route(router_logits, top_k, num_experts):
 def bench_routing(args, device, backend, warmup, reps, bar):
     rows = []
     for T in route_tokens(args, device):
-        for label, m, k in (common.TOP2, *common.ADAMOE_CONFIGS):
+        for label, m, k in (workload.TOP2, *workload.ADAMOE_CONFIGS):
             logits = torch.randn(T, NUM_EXPERTS + m, device=device)
-            t = common.bench_many(
+            t = timing.bench_many(
                 {"ak": (lambda: ak.route(logits, k, NUM_EXPERTS, backend=backend), None),
                  "torch": (lambda: torch_route(logits, k, NUM_EXPERTS), None)},
                 device, warmup=warmup, reps=reps)
@@ -217,9 +218,9 @@ def make_impls(names, r, num_true, x, params, H, I, device, dtype):
 
 
 def gemm_settings(args):
-    label, m, k = common.ADAMOE_CONFIGS[0]
+    label, m, k = workload.ADAMOE_CONFIGS[0]
     loads = args.loads or (QUICK_LOADS if args.quick else FULL_LOADS)
-    return [(*common.TOP2, 2.0)] + [(label, m, k, L) for L in loads]
+    return [(*workload.TOP2, 2.0)] + [(label, m, k, L) for L in loads]
 
 
 def bench_gemm(args, device, dtype, backend, warmup, reps, bar):
@@ -239,16 +240,16 @@ def bench_gemm(args, device, dtype, backend, warmup, reps, bar):
     for label, m, k, target in gemm_settings(args):
         logits = logits0[:, : n + m]
         if m:
-            cal = common.calibrate_null_bias(
-                lambda b: common.routing_load(logits, k, n, m, b, backend=backend), target,
-                tol=common.load_tolerance(T))
-            logits = logits + common.null_bias_vector(n, m, cal["bias"], device)
+            cal = workload.calibrate_null_bias(
+                lambda b: workload.routing_load(logits, k, n, m, b, backend=backend), target,
+                tol=workload.load_tolerance(T))
+            logits = logits + workload.null_bias_vector(n, m, cal["bias"], device)
         r = ak.route(logits, k, n, backend=backend)
         num_true = int(r.expert_offsets[-1])
         w = nn.Parameter(r.topk_weights.detach().clone())
         with torch.no_grad():
             y_ref = ak.reference.moe_mlp(x, gu, dn, r).float()
-        flops = common.moe_flops(num_true, H, I)
+        flops = workload.moe_flops(num_true, H, I)
         xr = nn.Parameter(torch.randn(num_true, H, device=device, dtype=dtype))  # dense_mm rows
         dyr = torch.randn(num_true, H, device=device, dtype=dtype)
 
@@ -289,7 +290,7 @@ def bench_gemm(args, device, dtype, backend, warmup, reps, bar):
         for mode, fns in (("fwd", fwd_fns), ("fwdbwd", bwd_fns)):
             if mode not in modes or not fns:
                 continue
-            timings = common.bench_many(fns, device, warmup=warmup, reps=reps, on_round=bar.update)
+            timings = timing.bench_many(fns, device, warmup=warmup, reps=reps, on_round=bar.update)
             for impl, t in timings.items():
                 f = flops if mode == "fwd" else 3 * flops
                 group[impl].update({f"{mode}_ms": t["ms"], f"{mode}_tflops": f / t["ms"] / 1e9,
@@ -340,7 +341,7 @@ GEMM_COLUMNS = [("config", "config"), ("load", "L"), ("impl", "impl"), ("fwd_ms"
 
 
 def plot(rows, meta, path):
-    plt = common.pyplot()
+    plt = plotting.pyplot()
     if plt is None:
         return None
     gemm = [r for r in rows if r["part"] == "gemm" and "fwd_ms" in r]
@@ -379,26 +380,23 @@ def plot(rows, meta, path):
     ax.legend(fontsize=7)
     fig.suptitle(f"adamoe kernels — {meta['device_name']}, {meta['dtype']}, backend {meta['backend']}",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    dtype = common.DTYPES[args.dtype]
-    backend = common.resolve_bench_backend(args.backend, device)
-    common.apply_threads(args, device)
-    common.seed_all(args.seed)
+    device = cli.resolve_device(args.device)
+    dtype = cli.DTYPES[args.dtype]
+    backend = cli.resolve_bench_backend(args.backend, device)
+    cli.apply_threads(args, device)
+    cli.seed_all(args.seed)
     warmup = args.warmup if args.warmup is not None else 1
-    reps = common.reps_for(args, device, quick_default=5, full_default=10)
+    reps = cli.reps_for(args, device, quick_default=5, full_default=10)
 
     sync = sync_check(device, dtype, backend)
     n_settings = len(gemm_settings(args))
-    rounds = common.bench_rounds(len(args.impls), device, warmup, reps)
-    bar = common.progress_bar(len(route_tokens(args, device)) * 3 + n_settings * (1 + 2 * rounds),
+    rounds = timing.bench_rounds(len(args.impls), device, warmup, reps)
+    bar = cli.progress_bar(len(route_tokens(args, device)) * 3 + n_settings * (1 + 2 * rounds),
                               desc=SCRIPT, disable=args.no_progress)
     route_rows = bench_routing(args, device, backend, warmup, reps, bar)
     gemm_rows, skipped = bench_gemm(args, device, dtype, backend, warmup, reps, bar)
@@ -406,18 +404,18 @@ def main(argv=None):
     rows = route_rows + gemm_rows
 
     name, H, I, T = gemm_shape(args, device)
-    meta = common.environment(device, dtype, backend)
+    meta = provenance.environment(device, dtype, backend)
     meta.update(script=SCRIPT, quick=args.quick, num_experts=NUM_EXPERTS,
                 gemm_shape={"name": name, "H": H, "I": I, "T": T}, route_tokens=route_tokens(args, device),
                 flops="true assignments only: fwd 2*rows*H*2I + 2*rows*I*H; fwd+bwd 3x",
                 grouped_mm=_grouped_mm_fn()[1])
-    out = common.output_dir(args, device)
-    stem = common.result_stem(SCRIPT, args.quick)
-    return common.save_results(args, out, stem, meta, rows, plot,
+    out = results.output_dir(args, device)
+    stem = results.result_stem(SCRIPT, args.quick)
+    return results.save_results(args, out, stem, meta, rows, plot,
                                [(route_rows, ROUTE_COLUMNS), (gemm_rows, GEMM_COLUMNS)],
                                header=f"host-sync check: {sync}", sync_check=sync, skipped=skipped)
 
 
 if __name__ == "__main__":
-    common.reexec_with_cpu_malloc()
+    cli.reexec_with_cpu_malloc()
     main()

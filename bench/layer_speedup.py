@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import common  # noqa: E402
-from common import ak  # noqa: E402
+# harness first: importing it puts the repository on sys.path (a checkout without pip install)
+from harness import cli, plotting, provenance, results, timing, workload  # noqa: E402
+import adamoe_kernels as ak  # noqa: E402
 
 SCRIPT = "layer_speedup"
 NUM_EXPERTS = 8
@@ -40,14 +41,14 @@ CPU_TOKENS, CPU_QUICK_TOKENS = [512, 2048], [256]
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__.split("\n\n")[0])
+    p = cli.make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=None, help="H (with --intermediate: one custom shape)")
     p.add_argument("--intermediate", type=int, default=None, help="I")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="T values")
-    p.add_argument("--loads", type=float, nargs="+", default=list(common.PAPER_LOADS),
+    p.add_argument("--loads", type=float, nargs="+", default=list(workload.PAPER_LOADS),
                    help="target loads L for the AdaMoE settings")
-    p.add_argument("--configs", nargs="+", default=[c[0] for c in common.ADAMOE_CONFIGS],
-                   choices=[c[0] for c in common.ADAMOE_CONFIGS], help="AdaMoE settings")
+    p.add_argument("--configs", nargs="+", default=[c[0] for c in workload.ADAMOE_CONFIGS],
+                   choices=[c[0] for c in workload.ADAMOE_CONFIGS], help="AdaMoE settings")
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument("--no-reference", action="store_true", help="skip the torch-reference timings")
     return p.parse_args(argv)
@@ -125,33 +126,33 @@ def calibrate(prob, m, k, target, backend, tol):
     """The null bias that makes this batch's load hit ``target`` (bisection on ``ak.route``)."""
     with torch.no_grad():
         logits = F.linear(prob.x, prob.router[: NUM_EXPERTS + m]).float()
-    return common.calibrate_null_bias(
-        lambda b: common.routing_load(logits, k, NUM_EXPERTS, m, b, backend=backend), target, tol=tol)
+    return workload.calibrate_null_bias(
+        lambda b: workload.routing_load(logits, k, NUM_EXPERTS, m, b, backend=backend), target, tol=tol)
 
 
 def run(args):
-    device = common.resolve_device(args.device)
-    dtype = common.DTYPES[args.dtype]
-    backend = common.resolve_bench_backend(args.backend, device)
-    common.apply_threads(args, device)
-    common.seed_all(args.seed)
+    device = cli.resolve_device(args.device)
+    dtype = cli.DTYPES[args.dtype]
+    backend = cli.resolve_bench_backend(args.backend, device)
+    cli.apply_threads(args, device)
+    cli.seed_all(args.seed)
     warmup = args.warmup if args.warmup is not None else 1
-    reps = common.reps_for(args, device, quick_default=5, full_default=10)
-    settings = [(*common.TOP2, 2.0)] + [(label, m, k, L) for label, m, k in common.ADAMOE_CONFIGS
+    reps = cli.reps_for(args, device, quick_default=5, full_default=10)
+    settings = [(*workload.TOP2, 2.0)] + [(label, m, k, L) for label, m, k in workload.ADAMOE_CONFIGS
                                         if label in args.configs for L in args.loads]
     max_null = max(m for _, m, _, _ in settings)
     modes = ["fwd"] if args.no_backward else ["fwd", "fwdbwd"]
     backends = [backend] + ([] if args.no_reference or backend == "torch" else ["torch"])
     groups = [(shape, T) for shape in shapes(args, device) for T in token_counts(args, device)]
     n_fns = len(settings) * len(backends)
-    bar = common.progress_bar(
-        len(groups) * (len(settings) + len(modes) * common.bench_rounds(n_fns, device, warmup, reps)),
+    bar = cli.progress_bar(
+        len(groups) * (len(settings) + len(modes) * timing.bench_rounds(n_fns, device, warmup, reps)),
         desc=SCRIPT, disable=args.no_progress)
 
     rows = []
     for (name, H, I), T in groups:
         prob = Problem.make(T, H, I, NUM_EXPERTS, max_null, dtype, device)
-        tol = common.load_tolerance(T)
+        tol = workload.load_tolerance(T)
         group = []
         for label, m, k, target in settings:  # calibrate every setting before timing any
             if m == 0:
@@ -159,7 +160,7 @@ def run(args):
                        "iterations": 0, "hit": True}
             else:
                 cal = calibrate(prob, m, k, target, backend, tol)
-            null_bias = None if m == 0 else common.null_bias_vector(NUM_EXPERTS, m, cal["bias"], device)
+            null_bias = None if m == 0 else workload.null_bias_vector(NUM_EXPERTS, m, cal["bias"], device)
             fns = {be: layer_fns(prob, m, k, null_bias, be) for be in backends}
             group.append(({"shape": name, "H": H, "I": I, "n": NUM_EXPERTS, "T": T, "config": label,
                            "m": m, "k": k, "load_target": target, "load": cal["load"],
@@ -170,7 +171,7 @@ def run(args):
         for mode in modes:  # all settings (and the reference) interleaved, per mode
             todo = {(i, be): (fns[be][mode], prob.leaves) for i, (_, fns) in enumerate(group)
                     for be in backends}
-            timings = common.bench_many(todo, device, warmup=warmup, reps=reps, on_round=bar.update)
+            timings = timing.bench_many(todo, device, warmup=warmup, reps=reps, on_round=bar.update)
             for (i, be), t in timings.items():
                 pre = "" if be == backend else "ref_"
                 group[i][0][f"{pre}{mode}_ms"] = t["ms"]
@@ -180,7 +181,7 @@ def run(args):
             if backend == "torch":
                 for mode in modes:
                     row[f"ref_{mode}_ms"] = row[f"{mode}_ms"]
-            row["fwd_tflops"] = common.moe_flops(row["true_assignments"], H, I) / row["fwd_ms"] / 1e9
+            row["fwd_tflops"] = workload.moe_flops(row["true_assignments"], H, I) / row["fwd_ms"] / 1e9
             rows.append(row)
         del prob, group
     bar.close()
@@ -209,7 +210,7 @@ TABLE_COLUMNS = [("shape", "shape"), ("T", "T"), ("config", "config"), ("load_ta
 
 
 def plot(rows, meta, path):
-    plt = common.pyplot()
+    plt = plotting.pyplot()
     if plt is None:
         return None
     groups = sorted({(r["shape"], r["T"]) for r in rows}, key=lambda g: (g[0], g[1]))
@@ -222,7 +223,7 @@ def plot(rows, meta, path):
             ax = axes[gi][mi]
             ax.plot(loads, [2 / L for L in loads], "k:", label="ideal 2/L")
             ax.axhline(1.0, color="grey", lw=0.8)
-            for ci, (label, _, _) in enumerate(common.ADAMOE_CONFIGS):
+            for ci, (label, _, _) in enumerate(workload.ADAMOE_CONFIGS):
                 sel = sorted((r for r in rows if r["shape"] == shape and r["T"] == T
                               and r["config"] == label), key=lambda r: r["load"])
                 if not sel:
@@ -246,30 +247,27 @@ def plot(rows, meta, path):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(f"AdaMoE layer speedup vs top-2 — {meta['device_name']}, {meta['dtype']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, dtype, backend, rows = run(args)
-    meta = common.environment(device, dtype, backend)
+    meta = provenance.environment(device, dtype, backend)
     meta.update(script=SCRIPT, quick=args.quick, num_experts=NUM_EXPERTS,
                 shapes=[{"name": s, "H": H, "I": I} for s, H, I in shapes(args, device)],
                 tokens=token_counts(args, device), loads=args.loads,
-                settings=[{"config": c, "m": m, "k": k} for c, m, k in common.ADAMOE_CONFIGS
+                settings=[{"config": c, "m": m, "k": k} for c, m, k in workload.ADAMOE_CONFIGS
                           if c in args.configs],
                 layer="router linear (fp32 logits + null bias) -> ak.route -> ak.moe_mlp",
                 reference="ak backend 'torch' (per-expert Python loop over torch ops, like HF eager)")
-    out = common.output_dir(args, device)
+    out = results.output_dir(args, device)
     # bf16 (the default) keeps the plain name; other dtypes get their own file.
     suffix = "" if dtype == torch.bfloat16 else "_" + str(dtype).removeprefix("torch.")
-    stem = common.result_stem(SCRIPT + suffix, args.quick)
-    return common.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)])
+    stem = results.result_stem(SCRIPT + suffix, args.quick)
+    return results.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)])
 
 
 if __name__ == "__main__":
-    common.reexec_with_cpu_malloc()
+    cli.reexec_with_cpu_malloc()
     main()

@@ -15,7 +15,7 @@ Two dials, each swept on the same model, measured on held-out windows the model 
 
 Per point: the load reached on the eval windows (``ak.expert_load``, mean over layers and
 batches), the eval loss (``adamoe_kernels.training.finetune.evaluate``), and the forward time of one eval
-batch (``torch.no_grad()``, all points timed interleaved with ``common.bench_many``). Reference
+batch (``torch.no_grad()``, all points timed interleaved with ``timing.bench_many``). Reference
 points: the fine-tuned model as trained (``natural``: bias 0, no top-p) and, for time only, the
 same weights with the null experts removed (``top2_same_weights``: ``ak.convert_model(copy, 0, 2)``
 keeps the true router rows; its loss is *not* that of a trained top-2 model). The top-2 base
@@ -40,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
-from common import ak  # noqa: E402
+# harness first: importing it puts the repository on sys.path (a checkout without pip install)
+from harness import cli, plotting, provenance, results, timing, workload  # noqa: E402
+import adamoe_kernels as ak  # noqa: E402
+from adamoe_kernels.ops.backend import cpu_extension_available  # noqa: E402
 from adamoe_kernels.training import finetune as ft  # noqa: E402
 from adamoe_kernels.integrations.load_control import adamoe_layers, reset_null_bias  # noqa: E402
 
@@ -55,7 +57,7 @@ TOP_PS = (1.0, 0.9, 0.7, 0.5, 0.3, 0.2, 0.15, 0.1, 0.05)
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__.split("\n\n")[0])
+    p = cli.make_parser(__doc__.split("\n\n")[0])
     p.set_defaults(dtype="float32")  # the fine-tuned model's own dtype (its eval loss is the point)
     p.add_argument("--model", default=None,
                    help="a saved fine-tuning run's model folder (adamoe-finetune writes "
@@ -85,7 +87,7 @@ def parse_args(argv=None):
 
 def finetune_config(args, backend: str, out_dir: str) -> ft.RunConfig:
     if backend not in ("cpu", "torch"):  # adamoe-finetune trains on the CPU: no triton there
-        backend = "cpu" if common.cpu_extension_available() else "torch"
+        backend = "cpu" if cpu_extension_available() else "torch"
     argv = ["--out", out_dir, "--backend", backend, "--no-plots"]
     if args.quick:
         argv.append("--quick")
@@ -211,7 +213,7 @@ def sweep(args, model, info, eval_data, calib, batch_size, backend, bar):
     rows[0]["router_stats"] = router_stats(model, k)  # of the timed batch
 
     targets = load_targets(args, k)
-    tol = max(0.02, common.load_tolerance(calib.numel()))
+    tol = max(0.02, workload.load_tolerance(calib.numel()))
     for L in targets:
         reset_null_bias(model)
         t0 = time.perf_counter()
@@ -261,7 +263,7 @@ def time_all(model, top2, rows, top2_row, timing_batch, device, warmup, reps, ba
     fns = {i: (point(r["state"]), None) for i, r in enumerate(rows)}
     if top2 is not None:
         fns["top2"] = (plain(top2), None)
-    timings = common.bench_many(fns, device, warmup=warmup, reps=reps, on_round=bar.update)
+    timings = timing.bench_many(fns, device, warmup=warmup, reps=reps, on_round=bar.update)
     tokens = timing_batch.numel()
     natural = timings[0]["ms"]
     for key, t in timings.items():
@@ -276,15 +278,15 @@ def time_all(model, top2, rows, top2_row, timing_batch, device, warmup, reps, ba
 
 
 def run(args):
-    device = common.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     device_note = None
     if device.type != "cpu":
         device_note = ("adamoe-finetune trains on the CPU (cpu/torch backend); the saved model is "
                        "reloaded with the timed backend and moved to the device")
-    dtype = common.DTYPES[args.dtype]
-    backend = common.resolve_bench_backend(args.backend, device)
-    common.apply_threads(args, device)
-    common.seed_all(args.seed)
+    dtype = cli.DTYPES[args.dtype]
+    backend = cli.resolve_bench_backend(args.backend, device)
+    cli.apply_threads(args, device)
+    cli.seed_all(args.seed)
     t_start = time.perf_counter()
     tmp = None
     if args.model is None and args.finetune_out is None:
@@ -308,9 +310,9 @@ def run(args):
     k = info["top_k"]
     n_points = 1 + len(load_targets(args, k)) + len(args.top_p or TOP_PS)
     warmup = args.warmup if args.warmup is not None else 1
-    reps = common.reps_for(args, device, quick_default=5, full_default=7)
+    reps = cli.reps_for(args, device, quick_default=5, full_default=7)
     n_fns = n_points + (0 if args.no_top2 else 1)
-    bar = common.progress_bar(n_fns + common.bench_rounds(n_fns, device, warmup, reps),
+    bar = cli.progress_bar(n_fns + timing.bench_rounds(n_fns, device, warmup, reps),
                               desc=SCRIPT, disable=args.no_progress)
     rows, timing_batch = sweep(args, model, info, eval_data, calib, batch_size, backend, bar)
     top2 = top2_row = None
@@ -346,7 +348,7 @@ TABLE_COLUMNS = [("label", "point"), ("load", "L reached (eval)"), ("eval_loss",
 
 
 def plot(rows, meta, path):
-    plt = common.pyplot()
+    plt = plotting.pyplot()
     if plt is None:
         return None
     fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(11, 4.3))
@@ -407,10 +409,7 @@ def plot(rows, meta, path):
     fig.suptitle(f"Tiny fine-tuned AdaMoE Mixtral (m={info['num_null_experts']}, k={info['top_k']}, "
                  f"n={info['num_experts']}, H={s['hidden']}, {s['layers']} layers) — "
                  f"{meta['device_name']}, {meta['dtype']}, backend {meta['backend']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path)
 
 
 def _coinciding(points, tol=0.02):
@@ -427,21 +426,21 @@ def _coinciding(points, tol=0.02):
 def main(argv=None):
     args = parse_args(argv)
     device, dtype, backend, setup, rows = run(args)
-    meta = common.environment(device, dtype, backend)
+    meta = provenance.environment(device, dtype, backend)
     meta.update(script=SCRIPT, quick=args.quick, **setup,
                 timed="model(input_ids=batch) under torch.no_grad(), one eval batch, all points "
-                      "interleaved (common.bench_many)",
+                      "interleaved (timing.bench_many)",
                 note="natural = the fine-tuned model as trained (null bias 0, no top-p); "
                      "top2_same_weights = convert_model(copy, 0, 2): the true router rows and "
                      "experts of the same model with top-2 routing, a compute reference (its loss "
                      "is not a trained top-2 model's)")
-    out = common.output_dir(args, device)
-    stem = common.result_stem(SCRIPT, args.quick)
-    return common.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)],
+    out = results.output_dir(args, device)
+    stem = results.result_stem(SCRIPT, args.quick)
+    return results.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)],
                                header=f"{setup['model_source']['kind']} | "
                                       f"{setup['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
-    common.reexec_with_cpu_malloc()
+    cli.reexec_with_cpu_malloc()
     main()

@@ -15,7 +15,9 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-common = importlib.import_module("common")
+cli = importlib.import_module("harness.cli")
+provenance = importlib.import_module("harness.provenance")
+workload = importlib.import_module("harness.workload")
 layer_speedup = importlib.import_module("layer_speedup")
 kernels = importlib.import_module("kernels")
 finetune_step = importlib.import_module("finetune_step")
@@ -46,19 +48,19 @@ def _load(path):
 def test_calibration_hits_target(m, k):
     n, T = 8, 512
     logits = torch.randn(T, n + m)
-    tol = common.load_tolerance(T)
-    for target in common.PAPER_LOADS:
-        cal = common.calibrate_null_bias(
-            lambda b: common.routing_load(logits, k, n, m, b, backend="torch"), target, tol=tol)
+    tol = workload.load_tolerance(T)
+    for target in workload.PAPER_LOADS:
+        cal = workload.calibrate_null_bias(
+            lambda b: workload.routing_load(logits, k, n, m, b, backend="torch"), target, tol=tol)
         assert cal["hit"], cal
         assert abs(cal["load"] - target) <= tol
         # the bias really produces that load
-        assert common.routing_load(logits, k, n, m, cal["bias"]) == pytest.approx(cal["load"])
+        assert workload.routing_load(logits, k, n, m, cal["bias"]) == pytest.approx(cal["load"])
 
 
 def test_device_name_is_a_slug():
-    name = common.device_name(torch.device("cpu"))
-    assert name.startswith("cpu-") and name == common.slugify(name)
+    name = provenance.device_name(torch.device("cpu"))
+    assert name.startswith("cpu-") and name == provenance.slugify(name)
 
 
 def test_layer_speedup(tmp_path):
@@ -72,7 +74,7 @@ def test_layer_speedup(tmp_path):
                     "ideal_speedup", "ref_fwd_ms", "calibration_hit", "T", "H", "I"):
             assert key in r, key
         assert r["calibration_hit"]
-        assert abs(r["load"] - r["load_target"]) <= common.load_tolerance(r["T"])
+        assert abs(r["load"] - r["load_target"]) <= workload.load_tolerance(r["T"])
     assert Path(res["png"]).exists()
 
 
@@ -161,18 +163,18 @@ def test_reexec_with_cpu_malloc(monkeypatch):
     """Script runs on CPU re-exec once with the allocator settings; never when opted out, already
     set, or on CUDA."""
     calls = []
-    monkeypatch.setattr(common.os, "execve", lambda exe, args, env: calls.append((args, env)))
-    for k in common.CPU_MALLOC_ENV:
+    monkeypatch.setattr(cli.os, "execve", lambda exe, args, env: calls.append((args, env)))
+    for k in cli.CPU_MALLOC_ENV:
         monkeypatch.delenv(k, raising=False)
-    common.reexec_with_cpu_malloc(["--quick", "--device", "cpu"])
+    cli.reexec_with_cpu_malloc(["--quick", "--device", "cpu"])
     assert len(calls) == 1 and calls[0][0][-3:] == ["--quick", "--device", "cpu"]
-    assert all(calls[0][1][k] == v for k, v in common.CPU_MALLOC_ENV.items())
-    common.reexec_with_cpu_malloc(["--device=cpu", "--system-malloc"])
-    common.reexec_with_cpu_malloc(["--device", "cuda"])
-    common.reexec_with_cpu_malloc(["--device=cuda:1"])
-    for k, v in common.CPU_MALLOC_ENV.items():
+    assert all(calls[0][1][k] == v for k, v in cli.CPU_MALLOC_ENV.items())
+    cli.reexec_with_cpu_malloc(["--device=cpu", "--system-malloc"])
+    cli.reexec_with_cpu_malloc(["--device", "cuda"])
+    cli.reexec_with_cpu_malloc(["--device=cuda:1"])
+    for k, v in cli.CPU_MALLOC_ENV.items():
         monkeypatch.setenv(k, v)
-    common.reexec_with_cpu_malloc(["--device", "cpu"])
+    cli.reexec_with_cpu_malloc(["--device", "cpu"])
     assert len(calls) == 1
 
 

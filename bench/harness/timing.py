@@ -1,0 +1,122 @@
+"""Timing: ``bench_fn`` for one callable, ``bench_many`` for callables compared with each other.
+
+On CUDA ``triton.testing.do_bench`` (CUDA-event timing, L2 flushed, median of its repetitions;
+CUDA events directly when triton is missing); on CPU the median of ``--reps`` calls timed with
+``time.perf_counter`` after ``--warmup`` untimed calls.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def bench_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 5,
+             grad_to_none: Sequence[torch.Tensor] | None = None) -> dict:
+    """Time ``fn`` and return ``{"ms": median, "ms_min", "ms_p20", "ms_p80", "n"}`` in milliseconds.
+
+    ``grad_to_none``: tensors whose ``.grad`` is reset before every call (fwd+bwd timings).
+    CUDA: ``triton.testing.do_bench`` (``warmup``/``reps`` are ignored: it runs ~25 ms warmup and
+    ~100 ms of repetitions). CPU: ``warmup`` untimed calls, then ``reps`` timed calls.
+    """
+    def call():
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        fn()
+
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            med, p20, p80 = do_bench(call, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+            return {"ms": med, "ms_min": None, "ms_p20": p20, "ms_p80": p80, "n": None}
+        for _ in range(max(warmup, 3)):
+            call()
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(max(reps, 10)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return _summary(times)
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(max(reps, 1)):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def bench_many(fns: dict, device: torch.device, *, warmup: int = 2, reps: int = 5,
+               on_round: Callable[[], None] | None = None, max_spread: float = 1.5,
+               retries: int = 2) -> dict:
+    """Time several ``{key: (fn, grad_to_none)}`` that are to be compared with each other.
+
+    On CPU the calls are interleaved (round-robin: every round calls each ``fn`` once), so a
+    change in the machine's load during the run hits every candidate alike. If another process
+    disturbed the run (some key's p80/p20 above ``max_spread``), the rounds are repeated up to
+    ``retries`` times and the least disturbed attempt is kept (``attempts`` in each timing).
+    ``on_round`` is called after each round (progress). On CUDA each is timed on its own with
+    ``bench_fn``. Returns ``{key: timing}`` as ``bench_fn`` does.
+    """
+    if device.type == "cuda":
+        out = {}
+        for key, (fn, grads) in fns.items():
+            out[key] = bench_fn(fn, device, warmup=warmup, reps=reps, grad_to_none=grads)
+            if on_round:
+                on_round()
+        return out
+
+    def call(fn, grads):
+        for t in grads or ():
+            t.grad = None
+        fn()
+
+    for _ in range(warmup):
+        for fn, grads in fns.values():
+            call(fn, grads)
+        if on_round:
+            on_round()
+    best, best_spread = None, math.inf
+    for attempt in range(1, retries + 2):
+        times = {key: [] for key in fns}
+        for _ in range(max(reps, 1)):
+            for key, (fn, grads) in fns.items():
+                t0 = time.perf_counter()
+                call(fn, grads)
+                times[key].append((time.perf_counter() - t0) * 1e3)
+            if on_round and attempt == 1:
+                on_round()
+        result = {key: _summary(v) for key, v in times.items()}
+        spread = max(t["ms_p80"] / t["ms_p20"] for t in result.values())
+        if spread < best_spread:
+            best, best_spread = result, spread
+        if spread <= max_spread or reps < 3:
+            break
+    for t in best.values():
+        t["attempts"] = attempt
+    return best
+
+
+def bench_rounds(n_fns: int, device: torch.device, warmup: int, reps: int) -> int:
+    """How many times ``bench_many`` calls ``on_round`` (to size a progress bar)."""
+    return n_fns if device.type == "cuda" else warmup + max(reps, 1)
+
+
+def _summary(times_ms: list[float]) -> dict:
+    s = sorted(times_ms)
+    q = lambda f: s[min(len(s) - 1, int(round(f * (len(s) - 1))))]  # noqa: E731
+    return {"ms": statistics.median(s), "ms_min": s[0], "ms_p20": q(0.2), "ms_p80": q(0.8), "n": len(s)}
