@@ -141,6 +141,19 @@ def check_route_args(router_logits, top_k, num_experts, normalize, check_finite_
     check_finite("router_logits", router_logits, force=bool(check_finite_values))
 
 
+def check_layer_args(num_experts, num_null_experts, top_k, normalize, null_kind="zero") -> None:
+    """The routing settings of an AdaMoE layer: ``n >= 1``, ``m >= 0``, ``1 <= k <= n+m``, the
+    ``normalize`` and ``null_kind`` modes, and no ``"identity"`` nulls with ``normalize="true"``."""
+    check_int("num_experts", num_experts, 1)
+    check_int("num_null_experts", num_null_experts, 0)
+    check_int("top_k", top_k, 1, num_experts + num_null_experts)
+    check_choice("normalize", normalize, NORMALIZE_MODES)
+    check_choice("null_kind", null_kind, NULL_KINDS)
+    if null_kind == "identity" and normalize == "true":
+        raise ValueError('null_kind="identity" needs normalize="all" or "none": '
+                         'normalize="true" gives null slots weight 0')
+
+
 def check_moe_mlp_args(hidden, gate_up_proj, down_proj, routing, null_kind) -> None:
     check_tensor("hidden", hidden, ndim=2, dtypes=SUPPORTED_FLOAT_DTYPES)
     check_tensor("gate_up_proj", gate_up_proj, ndim=3, dtypes=SUPPORTED_FLOAT_DTYPES)

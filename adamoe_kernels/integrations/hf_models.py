@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._contract import NORMALIZE_MODES, NULL_KINDS, Routing, check_choice, check_int
+from .._contract import NORMALIZE_MODES, Routing, check_choice, check_int, check_layer_args
 from ..losses import null_aware_aux_loss
 from ..moe import moe_mlp
 from ..reference import group_slots
@@ -366,17 +366,11 @@ def convert_model(model: nn.Module, num_null_experts: int = 0, top_k: int | None
         raise ValueError(f"convert_model needs SiLU experts (Mixtral layout); config.hidden_act "
                          f"is {act!r}")
     n = int(getattr(config, spec.num_experts_attr))
-    check_int("num_null_experts", num_null_experts, 0)
     own_k = int(config.num_experts_per_tok)
     top_k = own_k if top_k is None else top_k
-    check_int("top_k", top_k, 1, n + num_null_experts)
     if normalize is None:
         normalize = "true" if spec.normalizes_topk(config) else "none"
-    check_choice("normalize", normalize, NORMALIZE_MODES)
-    check_choice("null_kind", null_kind, NULL_KINDS)
-    if null_kind == "identity" and normalize == "true":
-        raise ValueError('null_kind="identity" needs normalize="all" or "none": '
-                         'normalize="true" gives null slots weight 0')
+    check_layer_args(n, num_null_experts, top_k, normalize, null_kind)
     info = {"kind": "moe", "num_experts": n, "num_null_experts": num_null_experts,
             "top_k": top_k, "normalize": normalize, "null_kind": null_kind,
             "original_top_k": own_k}

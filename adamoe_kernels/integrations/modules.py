@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._contract import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, check_choice,
-                           check_int, check_tensor)
+from .._contract import SUPPORTED_FLOAT_DTYPES, check_int, check_layer_args, check_tensor
 from ..lora import moe_lora
 from ..losses import null_aware_aux_loss
 from ..moe import moe_mlp
@@ -30,17 +29,6 @@ from ..routing import Routing, route
 from .load_control import null_selection_bias
 
 __all__ = ["AdaMoEBlock", "AdaMoELoRALinear", "AdaMoERouter", "route_with_null_bias"]
-
-
-def _check_layer_args(num_experts, num_null_experts, top_k, normalize, null_kind="zero"):
-    check_int("num_experts", num_experts, 1)
-    check_int("num_null_experts", num_null_experts, 0)
-    check_int("top_k", top_k, 1, num_experts + num_null_experts)
-    check_choice("normalize", normalize, NORMALIZE_MODES)
-    check_choice("null_kind", null_kind, NULL_KINDS)
-    if null_kind == "identity" and normalize == "true":
-        raise ValueError('null_kind="identity" needs normalize="all" or "none": '
-                         'normalize="true" gives null slots weight 0')
 
 
 def route_with_null_bias(router_logits: torch.Tensor, top_k: int, num_experts: int,
@@ -153,7 +141,7 @@ class AdaMoEBlock(_AdaMoELayer):
         super().__init__()
         check_int("hidden_size", hidden_size, 1)
         check_int("intermediate_size", intermediate_size, 1)
-        _check_layer_args(num_experts, num_null_experts, top_k, normalize, null_kind)
+        check_layer_args(num_experts, num_null_experts, top_k, normalize, null_kind)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self._init_routing_state(num_experts, num_null_experts, top_k, normalize, null_kind,
                                  backend, device)
@@ -204,7 +192,7 @@ class AdaMoELoRALinear(nn.Linear, _AdaMoELayer):
                  num_null_experts: int = 0, top_k: int = 2, rank: int = 8, alpha: float = 16.0,
                  bias: bool = True, normalize: str = "true", *, backend: str | None = None,
                  device=None, dtype=None):
-        _check_layer_args(num_experts, num_null_experts, top_k, normalize)
+        check_layer_args(num_experts, num_null_experts, top_k, normalize)
         check_int("rank", rank, 1)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be a positive number, got {alpha!r}")

@@ -38,8 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._contract import (NORMALIZE_MODES, NULL_KINDS, SUPPORTED_FLOAT_DTYPES, Routing,
-                           check_choice, check_int, check_tensor)
+from .._contract import (SUPPORTED_FLOAT_DTYPES, Routing, check_int, check_layer_args,
+                           check_tensor)
 from ..integrations.modules import route_with_null_bias
 from ..moe import moe_mlp
 
@@ -155,14 +155,7 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         check_int("hidden_size", hidden_size, 1)
         check_int("intermediate_size", intermediate_size, 1)
-        check_int("num_experts", num_experts, 1)
-        check_int("num_null_experts", num_null_experts, 0)
-        check_int("top_k", top_k, 1, num_experts + num_null_experts)
-        check_choice("normalize", normalize, NORMALIZE_MODES)
-        check_choice("null_kind", null_kind, NULL_KINDS)
-        if null_kind == "identity" and normalize == "true":
-            raise ValueError('null_kind="identity" needs normalize="all" or "none": '
-                             'normalize="true" gives null slots weight 0')
+        check_layer_args(num_experts, num_null_experts, top_k, normalize, null_kind)
         world, rank = _group_info(group)
         if num_experts % world != 0:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the process group "
