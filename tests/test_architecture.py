@@ -282,6 +282,16 @@ def test_module_imports_first_in_fresh_interpreter(module):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_package_import_loads_no_kernels():
+    """docs/architecture.md: ``import adamoe_kernels`` loads neither Triton kernels nor launchers."""
+    code = ("import sys, adamoe_kernels; print(sorted(m for m in sys.modules if m == 'triton' or "
+            "m.startswith(('adamoe_kernels.kernels', 'adamoe_kernels.ops.'))))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["['adamoe_kernels.ops.backend']"], proc.stdout
+
+
 # ---- public names -------------------------------------------------------------------------------
 
 def test_public_names_importable():
