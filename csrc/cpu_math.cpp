@@ -17,6 +17,8 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
+
+#include "simd_math.h"
 #define ADAMOE_AVX512 __attribute__((target("avx512f")))
 // The NT and NN GEMMs are templates over fp32 and bf16 policies (NtF32/NtBf16, NnF32/NnBf16), so
 // they are compiled with AVX512_BF16, BW and VL enabled. Only the bf16 policies use BF16; the fp32
@@ -74,22 +76,6 @@ inline float exp_scalar(float x) {
 
 #if ADAMOE_X86_AVX512
 
-ADAMOE_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, fx);
-}
-
 // Calls f(std::integral_constant<int, w>{}) for a run-time width w in [1, 6] (w >= 6 -> 6): the
 // column widths of the GEMM micro-kernels are template arguments.
 template <typename F>
@@ -109,13 +95,10 @@ inline __mmask16 tail_mask(int64_t left) {
 }
 
 ADAMOE_AVX512 void silu_mul_avx512(const float* g, const float* u, float* h, int64_t n) {
-  const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
-    const __m512 num = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, u + i));
-    _mm512_mask_storeu_ps(h + i, m, _mm512_div_ps(num, _mm512_add_ps(one, e)));
+    _mm512_mask_storeu_ps(h + i, m, simd::silu_mul512(_mm512_maskz_loadu_ps(m, g + i),
+                                                       _mm512_maskz_loadu_ps(m, u + i)));
   }
 }
 
@@ -129,7 +112,7 @@ ADAMOE_AVX512 float silu_mul_backward_avx512(const float* g, const float* u, con
     const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
     const __m512 up = _mm512_maskz_loadu_ps(m, u + i);
     const __m512 gr = _mm512_maskz_loadu_ps(m, G + i);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 e = simd::exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
     const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
     const __m512 silu = _mm512_mul_ps(x, s);
     const __m512 h = _mm512_mul_ps(silu, up);

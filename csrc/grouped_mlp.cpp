@@ -34,6 +34,7 @@
 // parallel with single-threaded GEMMs, and it keeps every result independent of the thread count
 // up to the GEMM library's blocking).
 #include "adamoe_cpu.h"
+#include "amx_gemm.h"
 #include "cpu_math.h"
 
 #include <ATen/Parallel.h>
@@ -47,6 +48,10 @@
 #endif
 #include <limits>
 #include <vector>
+
+// A torch.profiler scope "adamoe_cpu::<name>" until the end of the enclosing block: the phases of a
+// call that bench/harness/breakdown.py reports (free when no profiler runs).
+#define ADAMOE_SCOPE(name) RECORD_FUNCTION("adamoe_cpu::" name, std::vector<c10::IValue>())
 
 namespace adamoe {
 
@@ -82,6 +87,9 @@ constexpr int64_t kSmallGemmMaxRowsNN = 512;  // not Intel: faster than MKL to 2
 // I=2816, AMD EPYC: 1.1-1.7x on one thread, up to 2.4x on two; not yet measured on an Intel CPU);
 // far above that a packed GEMM should win, so MKL takes over.
 constexpr int64_t kSmallGemmMaxRowsW = 1024;
+// Largest expert row count for which the bf16 GEMMs use the AMX kernels (amx_gemm.h) on CPUs that
+// have AMX-BF16 (Intel Xeon since Sapphire Rapids), instead of oneDNN's AMX GEMMs.
+constexpr int64_t kAmxMaxRows = int64_t{1} << 40;
 // Rows x columns of one tile of the transposed-layout backward elementwise pass.
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileCols = 256;
@@ -113,25 +121,54 @@ bool small_forward(at::ScalarType dtype, int64_t rows) {
          small_gemm_bf16(dtype, rows, row_limit(kSmallGemmMaxRowsBf16, kSmallGemmMaxRowsBf16NT));
 }
 
-// An fp32 scratch of at least n floats: `buf` grows (uninitialised) on demand and is reused by
-// every expert of a call, so the bf16 kernels' fp32 results cost no allocation per expert.
-float* f32_scratch(at::Tensor& buf, int64_t n) {
-  if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::dtype(at::kFloat));
-  return buf.data_ptr<float>();
+// Scratch buffers reused by every expert of a call (grown, uninitialised, on demand), so the own
+// kernels' fp32 results and packed operands cost no allocation per expert: one fp32 buffer and two
+// bf16 buffers for packed operands.
+struct Scratch {
+  at::Tensor f32, packed[2];
+
+  float* floats(int64_t n) { return grow(f32, n, at::kFloat).data_ptr<float>(); }
+  c10::BFloat16* bf16s(int which, int64_t n) {
+    return grow(packed[which], n, at::kBFloat16).data_ptr<c10::BFloat16>();
+  }
+
+ private:
+  static at::Tensor& grow(at::Tensor& buf, int64_t n, at::ScalarType dtype) {
+    if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::dtype(dtype));
+    return buf;
+  }
+};
+
+// Rounds fp32 GEMM results acc [r, N] (row stride lda) to the bf16 rows of out (row stride ldo), as
+// at::mm rounds its bf16 outputs; rows in parallel.
+void round_rows_to_bf16(const float* acc, int64_t lda, int64_t r, int64_t N, c10::BFloat16* out,
+                        int64_t ldo) {
+  at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) cpu_math::convert(acc + i * lda, out + i * ldo, N);
+  });
 }
 
-// Rounds fp32 GEMM results acc [r, N] (row stride N) to the bf16 rows of out (row stride ldo), as
-// at::mm rounds its bf16 outputs; rows in parallel.
-void round_rows_to_bf16(const float* acc, int64_t r, int64_t N, c10::BFloat16* out, int64_t ldo) {
-  at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) cpu_math::convert(acc + i * N, out + i * ldo, N);
-  });
+constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// True when the bf16 forward GEMMs of an expert with `rows` rows run on the AMX kernels: the
+// weights' tiles are loaded in place, so H and I must be multiples of 32.
+bool amx_forward(at::ScalarType dtype, int64_t H, int64_t I, int64_t rows) {
+  return dtype == at::kBFloat16 && rows <= kAmxMaxRows && H % 32 == 0 && I % 32 == 0 &&
+         amx::available();
+}
+
+// True when a bf16 backward GEMM with `rows` rows per expert runs on the AMX kernels (any shape:
+// every operand they read by tiles is packed first).
+bool amx_backward(at::ScalarType dtype, int64_t rows) {
+  return dtype == at::kBFloat16 && rows <= kAmxMaxRows && amx::available();
 }
 
 // True when expert blocks of GU are stored transposed ([2I, r], the at::mm layout) instead of
 // row-major ([r, 2I], the small-M kernels'); decided by dtype and row count only, so the forward
 // and the backward always agree.
-bool gu_transposed(at::ScalarType dtype, int64_t rows) { return !small_forward(dtype, rows); }
+bool gu_transposed(at::ScalarType dtype, int64_t H, int64_t I, int64_t rows) {
+  return amx_forward(dtype, H, I, rows) || !small_forward(dtype, rows);
+}
 
 // Large outputs are written once, in full, right after allocation: on Linux ask for transparent
 // huge pages first, so the first touch costs one page fault per 2 MiB instead of per 4 KiB (this is
@@ -154,34 +191,51 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// out = a @ b for row-major a [r, K], b [K, N] (contiguous rows): the small-M kernel when it is
-// the faster one (fp32 under `max_rows`; bf16 under the bf16 NN limit, through the fp32 `scratch`
-// rounded to bf16 as at::mm rounds), else at::mm_out.
+// out = a @ b for row-major a [r, K], b [K, N] (contiguous rows): the own kernels when they are
+// the faster ones (bf16 on AMX; fp32 under `max_rows`; bf16 under the bf16 NN limit), their fp32
+// results rounded to bf16 through `scratch` as at::mm rounds; else at::mm_out.
 void mm_nn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t max_rows,
-           at::Tensor& scratch) {
+           Scratch& scratch) {
+  using bf16 = c10::BFloat16;
   const int64_t r = a.size(0), N = b.size(1), K = a.size(1);
   const bool rows_ok = a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
   const int64_t bf16_rows = row_limit(kSmallGemmMaxRowsBf16, kSmallGemmMaxRowsBf16NN);
-  if (rows_ok && small_gemm(a.scalar_type(), r, max_rows)) {
+  if (rows_ok && amx_backward(a.scalar_type(), r)) {
+    const int64_t mp = amx::padded_rows(r), ldc = round_up(N, 64);
+    bf16* ap = scratch.bf16s(0, mp * round_up(K, 32));
+    amx::pack_rows(a.data_ptr<bf16>(), a.stride(0), r, K, ap);
+    float* acc = scratch.floats(mp * ldc);
+    amx::gemm_nn(ap, mp, K, b.data_ptr<bf16>(), b.stride(0), N, acc, ldc);
+    round_rows_to_bf16(acc, ldc, r, N, out.data_ptr<bf16>(), out.stride(0));
+  } else if (rows_ok && small_gemm(a.scalar_type(), r, max_rows)) {
     cpu_math::gemm_nn_small_m(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
                               out.data_ptr<float>(), out.stride(0), r, N, K);
   } else if (rows_ok && small_gemm_bf16(a.scalar_type(), r, bf16_rows)) {
-    using bf16 = c10::BFloat16;
-    float* acc = f32_scratch(scratch, r * N);
+    float* acc = scratch.floats(r * N);
     cpu_math::gemm_nn_small_m(a.data_ptr<bf16>(), a.stride(0), b.data_ptr<bf16>(), b.stride(0),
                               acc, N, r, N, K);
-    round_rows_to_bf16(acc, r, N, out.data_ptr<bf16>(), out.stride(0));
+    round_rows_to_bf16(acc, N, r, N, out.data_ptr<bf16>(), out.stride(0));
   } else {
     at::mm_out(out, a, b);
   }
 }
 
 // out = a^T @ b for row-major a [r, M], b [r, N] (contiguous rows), out [M, N] contiguous: the
-// fp32 small-K kernel when it is the faster one, else at::mm_out.
-void mm_tn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t max_rows) {
-  const int64_t r = a.size(0);
-  if (small_gemm(a.scalar_type(), r, max_rows) && a.stride(1) == 1 && b.stride(1) == 1 &&
-      out.is_contiguous()) {
+// own small-K kernels when they are the faster ones (bf16 on AMX, rounded from fp32 as at::mm
+// rounds; fp32 under `max_rows`), else at::mm_out.
+void mm_tn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t max_rows,
+           Scratch& scratch) {
+  using bf16 = c10::BFloat16;
+  const int64_t r = a.size(0), M = a.size(1), N = b.size(1);
+  const bool rows_ok = a.stride(1) == 1 && b.stride(1) == 1 && out.is_contiguous();
+  if (rows_ok && amx_backward(a.scalar_type(), r)) {
+    const int64_t kp = round_up(r, 32), np = round_up(N, 32);
+    bf16* at = scratch.bf16s(0, round_up(M, 16) * kp);
+    bf16* bv = scratch.bf16s(1, kp * np);
+    amx::pack_transposed(a.data_ptr<bf16>(), a.stride(0), r, M, at);
+    amx::pack_pairs_vnni(b.data_ptr<bf16>(), b.stride(0), r, N, np, bv);
+    amx::gemm_tn(at, M, r, bv, N, out.data_ptr<bf16>(), out.stride(0));
+  } else if (rows_ok && small_gemm(a.scalar_type(), r, max_rows)) {
     cpu_math::gemm_tn_small_k(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
                               out.data_ptr<float>(), out.stride(0), a.size(1), b.size(1), r);
   } else {
@@ -262,6 +316,7 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& gate_up, const at:
 Groups make_groups(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& ids_in,
                    const at::Tensor& weights_in, const at::Tensor& slots_in,
                    const at::Tensor& offsets_in) {
+  ADAMOE_SCOPE("groups");
   Groups g;
   g.T = hidden.size(0);
   g.H = hidden.size(1);
@@ -349,52 +404,108 @@ void combine_forward(const Groups& g, NullKind null_kind, const scalar_t* O, con
   });
 }
 
+// bf16 forward of one expert on AMX. GU^T = W_gu @ Xe^T and O^T = W_down @ h^T come out of the
+// tiles in fp32; GU is rounded to bf16 into its transposed block gu_blk [2I, r] (as at::mm would
+// round it), h = silu(g) * u is computed from the rounded g, u, rounded, and packed straight into
+// the B operand of the down projection; O is rounded into its rows o [r, H].
+void expert_forward_amx(const c10::BFloat16* xe, const c10::BFloat16* w_gu,
+                        const c10::BFloat16* w_down, c10::BFloat16* gu_blk, c10::BFloat16* o,
+                        int64_t r, int64_t H, int64_t I, Scratch& scratch) {
+  using bf16 = c10::BFloat16;
+  const int64_t mp = amx::padded_rows(r);
+  float* ct = scratch.floats(std::max(2 * I, H) * mp);
+  bf16* hv = scratch.bf16s(1, I * mp);  // [I/2][mp][2]
+  {
+    ADAMOE_SCOPE("fwd_gate_up");
+    bf16* xv = scratch.bf16s(0, H * mp);
+    amx::pack_rows_vnni(xe, H, r, H, mp, xv);
+    amx::gemm_wxt(w_gu, H, 2 * I, H, xv, mp, ct, mp);  // GU^T [2I, mp]
+  }
+  {
+    ADAMOE_SCOPE("fwd_swiglu");
+    amx::swiglu_to_vnni(ct, mp, I, r, gu_blk, hv);
+  }
+  ADAMOE_SCOPE("fwd_down");
+  amx::gemm_wxt(w_down, I, H, I, hv, mp, ct, mp);  // O^T [H, mp]
+  amx::store_transposed_bf16(ct, mp, H, r, o, H);
+}
+
 // Forward of one expert: rows Xe [r, H] -> gu block (saved), O rows [r, H].
 template <typename scalar_t>
 void expert_forward(const at::Tensor& Xe, const at::Tensor& w_gu, const at::Tensor& w_down,
                     at::Tensor& gu, at::Tensor& h_buf, at::Tensor& O, int64_t row0, int64_t r,
-                    at::Tensor& scratch) {
+                    Scratch& scratch) {
   const int64_t H = Xe.size(1), I = w_down.size(1);
-  if (!gu_transposed(Xe.scalar_type(), r)) {  // row-major blocks, small-M NT kernels
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (amx_forward(Xe.scalar_type(), H, I, r)) {
+      expert_forward_amx(Xe.data_ptr<scalar_t>(), w_gu.data_ptr<scalar_t>(),
+                         w_down.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>() + row0 * 2 * I,
+                         O.data_ptr<scalar_t>() + row0 * H, r, H, I, scratch);
+      return;
+    }
+  }
+  if (!gu_transposed(Xe.scalar_type(), H, I, r)) {  // row-major blocks, small-M NT kernels
     scalar_t* gup = gu.data_ptr<scalar_t>() + row0 * 2 * I;  // [r, 2I]
     scalar_t* hp = h_buf.data_ptr<scalar_t>();              // [r, I]
     scalar_t* op = O.data_ptr<scalar_t>() + row0 * H;       // [r, H]
     if constexpr (std::is_same_v<scalar_t, float>) {
-      cpu_math::gemm_nt_small_m(Xe.data_ptr<float>(), H, w_gu.data_ptr<float>(), H, gup, 2 * I,
-                                r, 2 * I, H);
-      at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t i = r0; i < r1; ++i) cpu_math::silu_mul(gup + i * 2 * I, gup + i * 2 * I + I,
-                                                             hp + i * I, I);
-      });
+      {
+        ADAMOE_SCOPE("fwd_gate_up");
+        cpu_math::gemm_nt_small_m(Xe.data_ptr<float>(), H, w_gu.data_ptr<float>(), H, gup,
+                                  2 * I, r, 2 * I, H);
+      }
+      {
+        ADAMOE_SCOPE("fwd_swiglu");
+        at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
+          for (int64_t i = r0; i < r1; ++i) {
+            cpu_math::silu_mul(gup + i * 2 * I, gup + i * 2 * I + I, hp + i * I, I);
+          }
+        });
+      }
+      ADAMOE_SCOPE("fwd_down");
       cpu_math::gemm_nt_small_m(hp, I, w_down.data_ptr<float>(), I, op, H, r, H, I);
     } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // fp32 GEMM results in scratch, rounded to bf16 as the reference's bf16 matmuls round them;
       // h = silu(g) * u from the rounded g, u (as on the at::mm path).
-      float* acc = f32_scratch(scratch, r * std::max(2 * I, H));
-      cpu_math::gemm_nt_small_m(Xe.data_ptr<scalar_t>(), H, w_gu.data_ptr<scalar_t>(), H, acc,
-                                2 * I, r, 2 * I, H);
-      at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t i = r0; i < r1; ++i) {
-          cpu_math::convert(acc + i * 2 * I, gup + i * 2 * I, 2 * I);
-          silu_mul_any(gup + i * 2 * I, gup + i * 2 * I + I, hp + i * I, I);
-        }
-      });
+      float* acc = scratch.floats(r * std::max(2 * I, H));
+      {
+        ADAMOE_SCOPE("fwd_gate_up");
+        cpu_math::gemm_nt_small_m(Xe.data_ptr<scalar_t>(), H, w_gu.data_ptr<scalar_t>(), H, acc,
+                                  2 * I, r, 2 * I, H);
+      }
+      {
+        ADAMOE_SCOPE("fwd_swiglu");
+        at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
+          for (int64_t i = r0; i < r1; ++i) {
+            cpu_math::convert(acc + i * 2 * I, gup + i * 2 * I, 2 * I);
+            silu_mul_any(gup + i * 2 * I, gup + i * 2 * I + I, hp + i * I, I);
+          }
+        });
+      }
+      ADAMOE_SCOPE("fwd_down");
       cpu_math::gemm_nt_small_m(hp, I, w_down.data_ptr<scalar_t>(), I, acc, H, r, H, I);
-      round_rows_to_bf16(acc, r, H, op, H);
+      round_rows_to_bf16(acc, H, r, H, op, H);
     } else {
       TORCH_CHECK(false, "row-major GU blocks are fp32/bf16 only");
     }
     return;
   }
   at::Tensor guT = block(gu, row0, r, 2 * I, r);
-  at::mm_out(guT, w_gu, Xe.t());
+  {
+    ADAMOE_SCOPE("fwd_gate_up");
+    at::mm_out(guT, w_gu, Xe.t());
+  }
   at::Tensor hT = h_buf.narrow(0, 0, I * r).view({I, r});
-  const scalar_t* gp = guT.data_ptr<scalar_t>();
-  scalar_t* hp = hT.data_ptr<scalar_t>();
-  const int64_t len = I * r;
-  at::parallel_for(0, len, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
-    silu_mul_any(gp + i0, gp + len + i0, hp + i0, i1 - i0);
-  });
+  {
+    ADAMOE_SCOPE("fwd_swiglu");
+    const scalar_t* gp = guT.data_ptr<scalar_t>();
+    scalar_t* hp = hT.data_ptr<scalar_t>();
+    const int64_t len = I * r;
+    at::parallel_for(0, len, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+      silu_mul_any(gp + i0, gp + len + i0, hp + i0, i1 - i0);
+    });
+  }
+  ADAMOE_SCOPE("fwd_down");
   at::Tensor Oe = O.narrow(0, row0, r);
   at::mm_out(Oe, hT.t(), w_down.t());
 }
@@ -420,11 +531,15 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
   advise_huge_pages(gu);
   at::Tensor O = at::empty({A, H}, opts);        // expert outputs, compact rows
   if (A > 0) {
-    const at::Tensor X = hidden.index_select(0, g.row_token);  // [A, H]
+    at::Tensor X;
+    {
+      ADAMOE_SCOPE("fwd_gather");
+      X = hidden.index_select(0, g.row_token);  // [A, H]
+    }
     int64_t max_rows = 0;
     for (int64_t e = 0; e < g.n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);
     at::Tensor h_buf = at::empty({max_rows * I}, opts);  // h of one expert, reused
-    at::Tensor scratch;  // fp32 results of the bf16 kernels, grown on first use
+    Scratch scratch;
     ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "moe_mlp_forward_cpu", [&] {
       for (int64_t e = 0; e < g.n; ++e) {
         const int64_t r = g.off[e + 1] - g.off[e];
@@ -438,6 +553,7 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
   const at::Tensor ids = topk_ids.to(at::kInt).contiguous();
   const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
   ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "combine", [&] {
+    ADAMOE_SCOPE("fwd_combine");
     combine_forward<scalar_t>(g, null_kind, O.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
                               ids.data_ptr<int32_t>(), w.data_ptr<float>(), y.data_ptr<scalar_t>());
   });
@@ -598,15 +714,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
   std::vector<float> dw_row(A, 0.f);
 
   if (A > 0 && (need_G || need_down)) {
-    const at::Tensor X = need_gate_up ? hidden.index_select(0, g.row_token) : at::Tensor();
-    const at::Tensor dY = dy.index_select(0, g.row_token);  // [A, H]
+    at::Tensor X, dY;  // [A, H]: the rows of hidden (for d gate_up_proj) and of dy
+    {
+      ADAMOE_SCOPE("bwd_gather");
+      if (need_gate_up) X = hidden.index_select(0, g.row_token);
+      dY = dy.index_select(0, g.row_token);
+    }
     int64_t max_rows = 0;
     for (int64_t e = 0; e < n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);
     // Scratch reused by every expert (stays warm in cache, no per-expert allocation).
     at::Tensor G_buf = at::empty({max_rows * I}, opts);
     at::Tensor wh_buf = at::empty({max_rows * I}, opts);
     at::Tensor dgu_buf = at::empty({max_rows * 2 * I}, opts);
-    at::Tensor scratch;  // fp32 results of the bf16 NN kernel, grown on first use
+    Scratch scratch;
     for (int64_t e = 0; e < n; ++e) {
       const int64_t r = g.off[e + 1] - g.off[e];
       if (r == 0) {  // no rows: exact zero weight gradients, no other work
@@ -619,30 +739,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
       at::Tensor wh = wh_buf.narrow(0, 0, r * I).view({r, I});
       at::Tensor dgu = dgu_buf.narrow(0, 0, r * 2 * I).view({r, 2 * I});
       if (need_G) {
-        RECORD_FUNCTION("adamoe_cpu::bwd_dy_down", std::vector<c10::IValue>());
+        ADAMOE_SCOPE("bwd_dy_down");
         mm_nn(G, dYe, down[e], row_limit(kSmallGemmMaxRowsG, kSmallGemmMaxRowsNN), scratch);
       } else {
         G.zero_();  // only w*h is wanted
       }
       ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "silu_mul_backward", [&] {
-        RECORD_FUNCTION("adamoe_cpu::bwd_silu", std::vector<c10::IValue>());
+        ADAMOE_SCOPE("bwd_silu");
         silu_mul_backward_expert<scalar_t>(
-            gu.data_ptr<scalar_t>() + g.off[e] * 2 * I, gu_transposed(hidden.scalar_type(), r),
+            gu.data_ptr<scalar_t>() + g.off[e] * 2 * I, gu_transposed(hidden.scalar_type(), H, I, r),
             G.data_ptr<scalar_t>(), g.row_w.data() + g.off[e], r, I, wh.data_ptr<scalar_t>(),
             dgu.data_ptr<scalar_t>(), dw_row.data() + g.off[e]);
       });
       if (need_down) {
-        RECORD_FUNCTION("adamoe_cpu::bwd_grad_down", std::vector<c10::IValue>());
+        ADAMOE_SCOPE("bwd_grad_down");
         at::Tensor out = grad_down[e];
-        mm_tn(out, dYe, wh, kSmallGemmMaxRowsW);
+        mm_tn(out, dYe, wh, kSmallGemmMaxRowsW, scratch);
       }
       if (need_gate_up) {
-        RECORD_FUNCTION("adamoe_cpu::bwd_grad_gate_up", std::vector<c10::IValue>());
+        ADAMOE_SCOPE("bwd_grad_gate_up");
         at::Tensor out = grad_gate_up[e];
-        mm_tn(out, dgu, X.narrow(0, g.off[e], r), kSmallGemmMaxRowsW);
+        mm_tn(out, dgu, X.narrow(0, g.off[e], r), kSmallGemmMaxRowsW, scratch);
       }
       if (need_hidden) {
-        RECORD_FUNCTION("adamoe_cpu::bwd_dx", std::vector<c10::IValue>());
+        ADAMOE_SCOPE("bwd_dx");
         at::Tensor out = dX.narrow(0, g.off[e], r);
         mm_nn(out, dgu, gate_up[e], row_limit(kSmallGemmMaxRowsDx, kSmallGemmMaxRowsNN), scratch);
       }
@@ -655,7 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
     const at::Tensor ids = topk_ids.to(at::kInt).contiguous();
     const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
     ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "combine_backward", [&] {
-      RECORD_FUNCTION("adamoe_cpu::bwd_combine", std::vector<c10::IValue>());
+      ADAMOE_SCOPE("bwd_combine");
       combine_backward<scalar_t>(g, null_kind, need_hidden ? dX.data_ptr<scalar_t>() : nullptr,
                                  dy.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
                                  ids.data_ptr<int32_t>(), w.data_ptr<float>(), dw_row.data(),

@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include "adamoe_cpu.h"
+#include "amx_gemm.h"
+#include "cpu_math.h"
 
 TORCH_LIBRARY_FRAGMENT(adamoe, m) {
   m.def(
@@ -37,4 +39,14 @@ TORCH_LIBRARY_IMPL(adamoe, CPU, m) {
 // `import adamoe_kernels._C` loads this library, which runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adamoe_kernels C++ CPU backend (ops live in torch.ops.adamoe.*_cpu)";
+  // Which of the own CPU kernels this process runs (each also needs the CPU feature it names;
+  // ADAMOE_CPU_PORTABLE=1 and ADAMOE_CPU_NO_AMX=1 turn them off).
+  m.def("cpu_features", [] {
+    pybind11::dict d;
+    d["avx512"] = adamoe::cpu_math::has_avx512();
+    d["avx512_bf16"] = adamoe::cpu_math::has_avx512_bf16();
+    d["amx_bf16"] = adamoe::amx::available();
+    d["intel"] = adamoe::cpu_math::is_intel();
+    return d;
+  });
 }

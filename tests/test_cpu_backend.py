@@ -242,6 +242,11 @@ MOE_CASES = [
     (420, 2, 0, 2, 20, 24, 0.0, None, "true", "zero"),       # > kSmallGemmMaxRows (Intel)
     (1100, 2, 0, 2, 20, 24, 0.0, None, "true", "zero"),      # > every small-kernel row limit
     (37, 3, 2, 2, 18, 25, 0.0, None, "true", "zero"),        # row and column tails of every GEMM
+    # H, I multiples of 32: the bf16 forward runs on the AMX kernels where the CPU has them.
+    (5, 4, 2, 2, 64, 32, 0.0, None, "true", "zero"),          # <= 16 rows per expert (one m-tile)
+    (9, 2, 1, 2, 96, 32, 0.0, None, "true", "zero"),          # H = 96: a last block of 32 rows
+    (40, 3, 0, 2, 96, 64, 0.5, 1, "all", "identity"),          # 17-64 rows: m-tile pairs, an empty expert
+    (150, 2, 0, 2, 32, 96, 0.0, None, "true", "zero"),        # 150 rows: five m-tile pairs
 ]
 
 
@@ -403,30 +408,80 @@ def test_torch_compile_fullgraph(top_p, with_bias):
         torch.testing.assert_close(a, b)
 
 
-def test_portable_path_matches_reference():
-    """The non-AVX-512 loops (forced by ADAMOE_CPU_PORTABLE=1, read once per process)."""
+@pytest.mark.parametrize("switch,dtype,H,I,atol,off", [
+    ("ADAMOE_CPU_PORTABLE", "float32", 20, 40, 1e-5, ("avx512", "avx512_bf16", "amx_bf16")),
+    ("ADAMOE_CPU_NO_AMX", "bfloat16", 64, 96, 6e-2, ("amx_bf16",)),
+])
+def test_kernel_switches_match_reference(switch, dtype, H, I, atol, off):
+    """The kernels behind each switch (read once per process, so in a subprocess):
+    ADAMOE_CPU_PORTABLE=1 runs the non-AVX-512 loops, ADAMOE_CPU_NO_AMX=1 the bf16 GEMMs without
+    AMX (oneDNN, or the VDPBF16PS kernels on other CPUs)."""
     import os
     import subprocess
     import sys
 
-    code = """
+    code = f"""
 import torch, adamoe_kernels as ak
 from adamoe_kernels import reference
+from adamoe_kernels.ops.cpu import cpu_features
+assert not any(cpu_features()[f] for f in {off!r}), cpu_features()
 torch.manual_seed(0)
-T, n, m, k, H, I = 37, 4, 2, 2, 20, 40
+T, n, m, k, H, I = 37, 4, 2, 2, {H}, {I}
+dt = torch.{dtype}
 lg = torch.randn(T, n + m)
-x = torch.randn(T, H, requires_grad=True)
-gu = (torch.randn(n, 2 * I, H) / H**0.5).requires_grad_()
-dn = (torch.randn(n, H, I) / I**0.5).requires_grad_()
+x = torch.randn(T, H).to(dt).requires_grad_()
+gu = (torch.randn(n, 2 * I, H) / H**0.5).to(dt).requires_grad_()
+dn = (torch.randn(n, H, I) / I**0.5).to(dt).requires_grad_()
 r = ak.route(lg, k, n, backend="cpu")
 out = []
-for y in (ak.moe_mlp(x, gu, dn, r, backend="cpu"), reference.moe_mlp(x, gu, dn, r)):
-    out.append([y.detach()] + list(torch.autograd.grad(y, (x, gu, dn), torch.ones_like(y))))
+for args in ((x, gu, dn), tuple(t.detach().float().requires_grad_() for t in (x, gu, dn))):
+    y = (ak.moe_mlp(*args, r, backend="cpu") if args[0] is x else reference.moe_mlp(*args, r))
+    out.append([y.detach()] + list(torch.autograd.grad(y, args, torch.ones_like(y))))
 for a, b in zip(*out):
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.float(), b, atol={atol}, rtol={atol} * 10)
 print("ok")
 """
-    env = dict(os.environ, ADAMOE_CPU_PORTABLE="1")
+    env = dict(os.environ, **{switch: "1"})
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def _amx_or_skip():
+    from adamoe_kernels.ops.cpu import cpu_features
+
+    if not cpu_features()["amx_bf16"]:
+        pytest.skip("this CPU has no AMX-BF16 (or ADAMOE_CPU_NO_AMX is set)")
+
+
+def test_amx_kernels_run_forward_and_backward():
+    """On an AMX CPU every bf16 GEMM of the layer (H, I multiples of 32) runs on the own AMX
+    kernels (their profiler scopes), none on at::mm."""
+    _amx_or_skip()
+    T, n, m, k, H, I = 64, 4, 2, 3, 64, 96
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _run("cpu", lg, x, gu, dn, k, n, "true", "zero", torch.randn(T, H))
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("adamoe_cpu::amx_gemm_wxt", 0) >= 2  # gate_up and down of some expert
+    assert calls.get("adamoe_cpu::amx_gemm_nn", 0) >= 2   # dy @ down, d gate_up @ gate_up
+    assert calls.get("adamoe_cpu::amx_gemm_tn", 0) >= 2   # both weight gradients
+    assert calls.get("aten::mm", 0) == 0, calls
+
+
+def test_amx_results_do_not_depend_on_thread_count():
+    """The AMX kernels sum each output element in a fixed order: bitwise equal results."""
+    _amx_or_skip()
+    T, n, m, k, H, I = 90, 3, 2, 2, 64, 64
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.bfloat16, null_bias=0.3)
+    gy = torch.randn(T, H)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, g1 = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
+    finally:
+        torch.set_num_threads(threads)
+    y2, g2 = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)

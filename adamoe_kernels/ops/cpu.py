@@ -26,6 +26,17 @@ from .. import _C  # noqa: F401  (loads the library: registers torch.ops.adamoe.
 _ops = torch.ops.adamoe
 
 
+def cpu_features() -> dict[str, bool]:
+    """Which of the C++ backend's own kernels run in this process.
+
+    ``avx512`` (fp32 small-M/small-K GEMMs and elementwise loops), ``avx512_bf16`` (the VDPBF16PS
+    bf16 GEMMs), ``amx_bf16`` (the AMX bf16 GEMMs, Intel Xeon since Sapphire Rapids), ``intel``
+    (picks the GEMM crossover points). ``ADAMOE_CPU_PORTABLE=1`` turns the first three off,
+    ``ADAMOE_CPU_NO_AMX=1`` the AMX kernels alone (both read once per process).
+    """
+    return dict(_C.cpu_features())
+
+
 # ---- routing ----------------------------------------------------------------------------------
 
 @torch.library.register_fake("adamoe::route_cpu")

@@ -1,0 +1,80 @@
+// bf16 GEMMs on Intel AMX (TMUL tiles, TDPBF16PS) for the expert MLP over few rows per expert.
+//
+// AMX multiplies a 16x32 bf16 tile A by a 32x16 bf16 tile B held in "VNNI" order (row kk of the B
+// tile holds the pairs B[2kk][n], B[2kk+1][n] for 16 n) into a 16x16 fp32 tile. The kernels here are
+// arranged so the large operand, the expert weight, is read straight from memory once, in its own
+// layout, and only the small operands (the expert's rows of activations) are repacked:
+//
+//   gemm_wxt  C^T [N, Mp] = W [N, K] @ X^T   (forward: W tiles are plain row tiles of W; X^T is
+//                                            packed to VNNI by pack_rows_vnni)
+//   gemm_nn   C [Mp, N]   = A [M, K] @ B [K, N]  (backward dY @ down, dGU @ gate_up: B is the weight,
+//                                            interleaved to VNNI in L2-sized strips on the fly)
+//   gemm_tn   C [M, N]    = A^T @ B, depth K = rows (weight gradients: the small operands are
+//                                            packed, the large bf16 output is written once)
+//
+// All accumulate in fp32 in a fixed order per output element, independent of the thread count.
+// Call only when available() is true. Shapes follow cpu_math.h: row-major, leading dimensions in
+// elements. "Mp" is the padded row count of the small operand: 16 for M <= 16, else M rounded up to
+// a multiple of 32 (padded_rows()); padding is zero-filled by the packers.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+namespace adamoe {
+namespace amx {
+
+using bf16 = c10::BFloat16;
+
+// True when the AMX kernels run on this CPU: AMX-TILE, AMX-BF16 and AVX512_BF16 present, the
+// kernel granted this process the tile state (Linux arch_prctl), and ADAMOE_CPU_NO_AMX unset.
+bool available();
+
+// Rows of a small operand padded for the tile loops: 16 for m <= 16, else m rounded up to 32.
+int64_t padded_rows(int64_t m);
+
+// x [m, k] (row stride ldx) -> xv [round_up(k, 32) / 2][mp][2]: xv[kk][i][p] = x[i][2kk + p], zero
+// for i >= m or 2kk + p >= k. The B operand of gemm_wxt.
+void pack_rows_vnni(const bf16* x, int64_t ldx, int64_t m, int64_t k, int64_t mp, bf16* xv);
+
+// b [k, n] (row stride ldb) -> bv [round_up(k, 32) / 2][np][2]: bv[kk][j][p] = b[2kk + p][j], zero
+// for j >= n or 2kk + p >= k (np >= n). The B operand of gemm_tn.
+void pack_pairs_vnni(const bf16* b, int64_t ldb, int64_t k, int64_t n, int64_t np, bf16* bv);
+
+// a [k, m] (row stride lda) -> at [mp][kp]: at[i][j] = a[j][i], zero for i >= m or j >= k
+// (kp = round_up(k, 32), mp = round_up(m, 16)). The A operand of gemm_tn.
+void pack_transposed(const bf16* a, int64_t lda, int64_t k, int64_t m, bf16* at);
+
+// a [m, k] (row stride lda) -> ap [mp][kp] zero-padded copy (mp = padded_rows(m), kp =
+// round_up(k, 32)). The A operand of gemm_nn.
+void pack_rows(const bf16* a, int64_t lda, int64_t m, int64_t k, bf16* ap);
+
+// ct [n, mp] (row stride ldc, fp32) = w [n, k] (row stride ldw) @ x^T with xv = pack_rows_vnni(x).
+// Needs n % 32 == 0 and k % 32 == 0 (w's tiles are loaded in place). Threads split the rows of w.
+void gemm_wxt(const bf16* w, int64_t ldw, int64_t n, int64_t k, const bf16* xv, int64_t mp,
+              float* ct, int64_t ldc);
+
+// The SwiGLU epilogue of the forward, in AMX layouts: from ct = GU^T [2I, mp] (fp32, row stride mp)
+// rounds g = rows 0..I-1 and u = rows I..2I-1 to bf16 into gu_blk [2I, r] (the first r columns),
+// computes h = silu(g) * u from the rounded values, rounds it, and writes hv = h^T in VNNI pairs
+// [I/2][mp][2] (the B operand of the down projection). I even.
+void swiglu_to_vnni(const float* ct, int64_t mp, int64_t I, int64_t r, bf16* gu_blk, bf16* hv);
+
+// o [r, n] (row stride ldo) = ct^T rounded to bf16, for ct = C^T [n, mp] (fp32, row stride mp).
+void store_transposed_bf16(const float* ct, int64_t mp, int64_t n, int64_t r, bf16* o,
+                           int64_t ldo);
+
+// c [mp, round_up(n, 64)] (row stride ldc >= round_up(n, 64), fp32) = a @ b for ap = pack_rows(a)
+// [mp][round_up(k, 32)] and b [k, n] (row stride ldb; any k, n). Threads split the columns of b.
+void gemm_nn(const bf16* ap, int64_t mp, int64_t k, const bf16* b, int64_t ldb, int64_t n,
+             float* c, int64_t ldc);
+
+// c [m, n] (row stride ldc, bf16, overwritten) = a^T @ b over depth k, rounded from fp32, for
+// at = pack_transposed(a) [round_up(m, 16)][round_up(k, 32)] and bv = pack_pairs_vnni(b) with
+// np = round_up(n, 32). Threads split the rows of c.
+void gemm_tn(const bf16* at, int64_t m, int64_t k, const bf16* bv, int64_t n, bf16* c,
+             int64_t ldc);
+
+}  // namespace amx
+}  // namespace adamoe
