@@ -8,6 +8,13 @@ over the timed batch before timing (the load actually reached is reported). Figu
 ``speedup = t(top-2) / t(AdaMoE at L)``, against the ideal ``2 / L`` (time proportional to FLOPs).
 The torch reference (a per-expert Python loop, like HF eager) is timed at the same routing.
 
+Where the FLOPs stop mattering: the *floor* setting routes exactly one token to each true expert
+(every other token all-null), so it reads every expert's weights once and computes almost nothing.
+No load can be faster than that while every expert gets a token, so ``bound = t(top-2) /
+max(t(top-2) * L / 2, t(floor))`` is the speedup this machine allows at load L (the FLOP ideal
+until the weight reads dominate). Each setting also gets a per-op breakdown from the profiler
+(``harness/breakdown.py``), written to the JSON and plotted in ``<stem>_breakdown.png``.
+
     python bench/layer_speedup.py --quick           # < 2 min on a 2-core CPU
     python bench/layer_speedup.py                   # full sweep (Mixtral shapes on a GPU)
 """
@@ -25,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # harness first: importing it puts the repository on sys.path (a checkout without pip install)
-from harness import cli, plotting, provenance, results, timing, workload  # noqa: E402
+from harness import breakdown, cli, plotting, provenance, results, timing, workload  # noqa: E402
 import adamoe_kernels as ak  # noqa: E402
 
 SCRIPT = "layer_speedup"
@@ -122,6 +129,19 @@ def layer_fns(prob, m, k, null_bias, backend):
     return {"fwd": fwd, "fwdbwd": fwdbwd}
 
 
+FLOOR = ("floor", 8, 3)  # (label, m, k): one true assignment per expert, see the docstring
+
+
+def floor_bias(T, n, m, device):
+    """[T, n+m] logit offsets: token t < n picks true expert t first and then null experts; every
+    other token picks only null experts. One true row per expert (fewer when T < n)."""
+    bias = torch.zeros(T, n + m, device=device)
+    bias[:, :n] = -60.0
+    idx = torch.arange(min(n, T), device=device)
+    bias[idx, idx] = 60.0
+    return bias
+
+
 def calibrate(prob, m, k, target, backend, tol):
     """The null bias that makes this batch's load hit ``target`` (bisection on ``ak.route``)."""
     with torch.no_grad():
@@ -144,10 +164,10 @@ def run(args):
     modes = ["fwd"] if args.no_backward else ["fwd", "fwdbwd"]
     backends = [backend] + ([] if args.no_reference or backend == "torch" else ["torch"])
     groups = [(shape, T) for shape in shapes(args, device) for T in token_counts(args, device)]
-    n_fns = len(settings) * len(backends)
-    bar = cli.progress_bar(
-        len(groups) * (len(settings) + len(modes) * timing.bench_rounds(n_fns, device, warmup, reps)),
-        desc=SCRIPT, disable=args.no_progress)
+    n_fns = len(settings) * len(backends) + 1  # + the floor (this backend only)
+    per_mode = timing.bench_rounds(n_fns, device, warmup, reps) + len(settings) + 1  # + breakdowns
+    bar = cli.progress_bar(len(groups) * (len(settings) + len(modes) * per_mode), desc=SCRIPT,
+                           disable=args.no_progress)
 
     rows = []
     for (name, H, I), T in groups:
@@ -168,15 +188,25 @@ def run(args):
                            "calibration_iterations": cal["iterations"],
                            "true_assignments": round(cal["load"] * T)}, fns))
             bar.update()
+        label, m, k = FLOOR
+        group.append(({"shape": name, "H": H, "I": I, "n": NUM_EXPERTS, "T": T, "config": label,
+                       "m": m, "k": k, "load_target": None, "load": min(NUM_EXPERTS, T) / T,
+                       "true_assignments": min(NUM_EXPERTS, T)},
+                      {backend: layer_fns(prob, m, k, floor_bias(T, NUM_EXPERTS, m, device),
+                                          backend)}))
         for mode in modes:  # all settings (and the reference) interleaved, per mode
             todo = {(i, be): (fns[be][mode], prob.leaves) for i, (_, fns) in enumerate(group)
-                    for be in backends}
+                    for be in backends if be in fns}
             timings = timing.bench_many(todo, device, warmup=warmup, reps=reps, on_round=bar.update)
             for (i, be), t in timings.items():
                 pre = "" if be == backend else "ref_"
                 group[i][0][f"{pre}{mode}_ms"] = t["ms"]
                 if not pre:
                     group[i][0][f"{mode}_timing"] = t
+            for row, fns in group:  # where the time goes (profiled separately from the timings)
+                row[f"breakdown_{mode}"] = breakdown.op_breakdown(
+                    fns[backend][mode], device, reps=2, grad_to_none=prob.leaves)
+                bar.update()
         for row, _ in group:
             if backend == "torch":
                 for mode in modes:
@@ -190,22 +220,28 @@ def run(args):
 
 
 def add_speedups(rows):
-    """speedup = t(top-2) / t(setting) within each (shape, T); ideal = 2 / L."""
+    """speedup = t(top-2) / t(setting) within each (shape, T); ideal = 2 / L; bound = t(top-2) /
+    max(t(top-2) * L / 2, t(floor)) (see the module docstring)."""
     base = {(r["shape"], r["T"]): r for r in rows if r["config"] == "top2"}
+    floor = {(r["shape"], r["T"]): r for r in rows if r["config"] == FLOOR[0]}
     for r in rows:
-        b = base[(r["shape"], r["T"])]
+        b, f = base[(r["shape"], r["T"])], floor.get((r["shape"], r["T"]))
         r["ideal_speedup"] = 2.0 / r["load"] if r["load"] > 0 else None
         for mode in ("fwd", "fwdbwd"):
             for pre in ("", "ref_"):
                 key = f"{pre}{mode}_ms"
                 if key in r and key in b:
                     r[f"{pre}speedup_{mode}"] = b[key] / r[key]
+            key = f"{mode}_ms"
+            if f is not None and key in b and key in f and r["load"] > 0:
+                r[f"bound_speedup_{mode}"] = b[key] / max(b[key] * r["load"] / 2.0, f[key])
 
 
 TABLE_COLUMNS = [("shape", "shape"), ("T", "T"), ("config", "config"), ("load_target", "L target"),
                  ("load", "L reached"), ("ideal_speedup", "ideal 2/L"), ("fwd_ms", "fwd ms"),
-                 ("speedup_fwd", "speedup fwd"), ("fwdbwd_ms", "fwd+bwd ms"),
-                 ("speedup_fwdbwd", "speedup fwd+bwd"), ("ref_fwd_ms", "torch ref fwd ms"),
+                 ("speedup_fwd", "speedup fwd"), ("bound_speedup_fwd", "bound fwd"),
+                 ("fwdbwd_ms", "fwd+bwd ms"), ("speedup_fwdbwd", "speedup fwd+bwd"),
+                 ("bound_speedup_fwdbwd", "bound fwd+bwd"), ("ref_fwd_ms", "torch ref fwd ms"),
                  ("ref_speedup_fwd", "torch ref speedup fwd")]
 
 
@@ -223,6 +259,12 @@ def plot(rows, meta, path):
             ax = axes[gi][mi]
             ax.plot(loads, [2 / L for L in loads], "k:", label="ideal 2/L")
             ax.axhline(1.0, color="grey", lw=0.8)
+            bound = sorted((r for r in rows if r["shape"] == shape and r["T"] == T
+                            and f"bound_speedup_{mode}" in r and r["config"] != FLOOR[0]),
+                           key=lambda r: r["load"])
+            if bound:
+                ax.plot([r["load"] for r in bound], [r[f"bound_speedup_{mode}"] for r in bound],
+                        "--", color="grey", label="bound (weight-read floor)")
             for ci, (label, _, _) in enumerate(workload.ADAMOE_CONFIGS):
                 sel = sorted((r for r in rows if r["shape"] == shape and r["T"] == T
                               and r["config"] == label), key=lambda r: r["load"])
@@ -247,6 +289,45 @@ def plot(rows, meta, path):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(f"AdaMoE layer speedup vs top-2 — {meta['device_name']}, {meta['dtype']}", fontsize=10)
+    plotting.save_figure(fig, path)
+    plot_breakdown(rows, meta, path.with_name(path.stem + "_breakdown.png"))
+    return path
+
+
+def plot_breakdown(rows, meta, path):
+    """Stacked bars of the per-op breakdown: one panel per (shape, T) and mode, one bar per
+    setting (top-2, each config at each load, the floor)."""
+    plt = plotting.pyplot()
+    groups = sorted({(r["shape"], r["T"]) for r in rows}, key=lambda g: (g[0], g[1]))
+    modes = [m for m in ("fwd", "fwdbwd") if any(f"breakdown_{m}" in r for r in rows)]
+    if plt is None or not modes:
+        return None
+    phases = [p for p in breakdown.PHASE_ORDER
+              if any(p in r.get(f"breakdown_{m}", {}) for r in rows for m in modes)]
+    colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(phases)}
+    fig, axes = plt.subplots(len(groups), len(modes), figsize=(6.5 * len(modes), 4.2 * len(groups)),
+                             squeeze=False)
+    for gi, (shape, T) in enumerate(groups):
+        sel = [r for r in rows if r["shape"] == shape and r["T"] == T]
+        order = ["top2"] + [c for c, _, _ in workload.ADAMOE_CONFIGS] + [FLOOR[0]]
+        sel.sort(key=lambda r: (order.index(r["config"]), -r["load"]))
+        labels = [r["config"] if r["config"] in ("top2", FLOOR[0]) else f"{r['config']} L={r['load']:.2f}"
+                  for r in sel]
+        for mi, mode in enumerate(modes):
+            ax = axes[gi][mi]
+            left = [0.0] * len(sel)
+            for p in phases:
+                widths = [r.get(f"breakdown_{mode}", {}).get(p, 0.0) for r in sel]
+                ax.barh(range(len(sel)), widths, left=left, color=colors[p], label=p)
+                left = [a + b for a, b in zip(left, widths)]
+            ax.set_yticks(range(len(sel)), labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("ms per call (profiled)")
+            ax.set_title(f"{shape} T={T} {'forward' if mode == 'fwd' else 'forward+backward'}")
+            ax.grid(True, axis="x", alpha=0.3)
+        axes[gi][-1].legend(fontsize=6, loc="lower right", ncol=2)
+    fig.suptitle(f"Where the time goes — {meta['device_name']}, {meta['dtype']}, backend "
+                 f"{meta['backend']}", fontsize=10)
     return plotting.save_figure(fig, path)
 
 

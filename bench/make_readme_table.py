@@ -82,12 +82,23 @@ def layer_table(payload) -> list[str]:
             f", {_f(base.get('fwdbwd_ms'))} ms fwd+bwd" if has_bwd else "")
         out.append(f"*{shape}* (H={base['H']}, I={base['I']}, n={base['n']}), T={T}; {times}.")
         out.append("")
-        head = ["L target", "ideal 2/L"]
+        # bound: what this machine allows at L (FLOP ideal until the weight reads dominate; the
+        # floor setting of bench/layer_speedup.py), from the first config's row at that target.
+        has_bound = any("bound_speedup_fwd" in r for r in group)
+        head = ["L target", "ideal 2/L"] + (["bound fwd"] + (["bound fwd+bwd"] if has_bwd else [])
+                                            if has_bound else [])
         for c in configs:
             head += [f"{c} L", f"{c} fwd"] + ([f"{c} fwd+bwd"] if has_bwd else [])
         out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-        for target in sorted({r["load_target"] for r in group if r["config"] != "top2"}, reverse=True):
+        targets = {r["load_target"] for r in group if r["config"] in configs}
+        for target in sorted(targets, reverse=True):
             cells = [f"{target:g}", _x(2.0 / target)]
+            if has_bound:
+                first = next((r for c in configs for r in group
+                              if r["config"] == c and r["load_target"] == target), {})
+                cells.append(_x(first.get("bound_speedup_fwd")))
+                if has_bwd:
+                    cells.append(_x(first.get("bound_speedup_fwdbwd")))
             for c in configs:
                 r = next((r for r in group if r["config"] == c and r["load_target"] == target), None)
                 if r is None:
