@@ -309,7 +309,11 @@ class Checkpointer:
             if self._rank == 0:
                 warnings.warn(f"checkpoint {path} is unusable: {error}; falling back to the "
                               "previous checkpoint", CheckpointWarning, stacklevel=2)
-                os.rename(path, f"{path}.corrupt")
+                aside, i = Path(f"{path}.corrupt"), 0
+                while aside.exists():
+                    i += 1
+                    aside = Path(f"{path}.corrupt.{i}")
+                os.rename(path, aside)
             self._barrier()
         return None
 
