@@ -187,14 +187,51 @@ def _run(out: Path, flags: list[str], nproc: int, timeout: float = 120) -> str:
     return proc.stdout + proc.stderr
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_tree(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, pids)), "a killed process is still running"
+
+
 def _run_and_kill(out: Path, flags: list[str], nproc: int, stall: str, timeout: float = 120):
-    """Start the run, SIGKILL its whole process group once the checkpoint hook ``stall``
-    (``during:N`` or ``after:N``) has stopped it."""
+    """Start the run and SIGKILL it, every process of it (torchrun's agent and its workers),
+    once the checkpoint hook ``stall`` (``during:N`` or ``after:N``) has stopped it there."""
     where, step = stall.split(":")
     marker = out / "checkpoints" / f".stalled-{where}-{step}"
     proc = subprocess.Popen(_command(nproc) + RUN + CKPT + flags + ["--out", str(out)], cwd=ROOT,
                             env=_env(**{STALL_ENV: stall}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     try:
         while not marker.exists():
@@ -202,8 +239,7 @@ def _run_and_kill(out: Path, flags: list[str], nproc: int, stall: str, timeout: 
             assert time.monotonic() < deadline, "the run did not reach the checkpoint"
             time.sleep(0.2)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(_process_tree(proc.pid))
         proc.wait()
         proc.stdout.close()
     assert not (out / "log.json").exists()

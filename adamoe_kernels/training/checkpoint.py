@@ -127,8 +127,12 @@ def _stall(where: str, step: int, root: Path, rank: int) -> None:
         return
     if rank == 0:
         (root / f".stalled-{where}-{step}").touch()
-    while True:  # until the test kills the process
-        time.sleep(1)
+    # Until the test kills the process; should it not, leave once the parent (torchrun's agent,
+    # or the test) is gone or after 10 minutes, so no stalled process outlives the test.
+    parent, deadline = os.getppid(), time.monotonic() + 600
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 class Checkpointer:
