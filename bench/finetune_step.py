@@ -504,7 +504,7 @@ def nproc_worker(rank, world, init_file, args, out_file):
 
 
 PARALLEL_COLUMNS = [("strategy", "strategy"), ("config", "config"), ("load", "L"),
-                    ("step_ms", "step ms"), ("tokens_per_s", "tokens/s"), ("speedup", "speedup vs top2"),
+                    ("load_after_steps", "L last step"), ("step_ms", "step ms"), ("tokens_per_s", "tokens/s"), ("speedup", "speedup vs top2"),
                     ("bytes_per_step", "EP bytes/step"),
                     ("bytes_per_step_nulls_shipped", "EP bytes/step, nulls shipped")]
 

@@ -165,11 +165,14 @@ def finetune_parallel_table(payload) -> list[str]:
            f"I={s.get('intermediate')}, {m.get('tokens_per_step')} tokens/step over "
            f"{m.get('nproc')} processes ({m.get('process_group_backend')}"
            + (f", {m['threads_per_rank']} thread(s) each" if m.get("threads_per_rank") else "")
-           + "); expert-parallel bytes per step: forward + backward all-to-alls, all ranks:", "",
-           "| strategy | setting | L | step ms | tokens/s | speedup vs top-2 | EP MiB/step | "
-           "EP MiB/step if nulls were shipped |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           + "); expert-parallel bytes per step: forward + backward all-to-alls, all ranks, at the "
+           "load of the last timed step:", "",
+           "| strategy | setting | L | L last step | step ms | tokens/s | speedup vs top-2 | "
+           "EP MiB/step | EP MiB/step if nulls were shipped |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in payload["rows"]:
-        out.append(f"| {r['strategy']} | {r['config']} | {_f(r['load'])} | {_f(r['step_ms'], 1)} | "
+        out.append(f"| {r['strategy']} | {r['config']} | {_f(r['load'])} | "
+                   f"{_f(r.get('load_after_steps'))} | {_f(r['step_ms'], 1)} | "
                    f"{_f(r['tokens_per_s'], 0)} | {_x(r.get('speedup'))} | "
                    f"{_mib(r.get('bytes_per_step'))} | {_mib(r.get('bytes_per_step_nulls_shipped'))} |")
     out.append("")

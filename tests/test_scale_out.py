@@ -10,7 +10,6 @@ Every process runs one thread (``OMP_NUM_THREADS=1``) and the deterministic ``cp
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
