@@ -28,6 +28,19 @@ def null_aware_aux_loss(router_logits, top_k: int, num_experts: int,
     Multiply by α outside (see ``AlphaSchedule``). Differentiable w.r.t. the logits (through P);
     no host synchronisation. Returns a 0-d float32 tensor.
     """
+    hits, prob_sum, rows = aux_loss_terms(router_logits, top_k, num_experts, attention_mask)
+    return aux_loss_from_terms(hits, prob_sum / rows, rows, num_experts)
+
+
+def aux_loss_terms(router_logits, top_k: int, num_experts: int,
+                   attention_mask: torch.Tensor | None = None):
+    """The sums the null-aware loss is made of: ``(hits [n+m], prob_sum [n+m], rows [])``.
+
+    ``hits_i``: weighted count of rows whose top-k holds expert ``i`` (no gradient);
+    ``prob_sum_i``: weighted sum of the softmax probabilities (differentiable); ``rows``: the
+    weight of all rows (the unmasked row count). Sums over rows add up across data-parallel
+    ranks, which is how ``adamoe_kernels.training.parallel`` gets the loss of the global batch.
+    """
     layers = _stack_layers(router_logits)
     total = layers[0].shape[-1] if isinstance(layers[0], torch.Tensor) else None
     for i, lg in enumerate(layers):
@@ -56,14 +69,20 @@ def null_aware_aux_loss(router_logits, top_k: int, num_experts: int,
     _, ids = torch.topk(probs.detach(), top_k, dim=-1)
     hits = torch.zeros(total, dtype=torch.float32, device=device)
     hits = hits.scatter_add(0, ids.reshape(-1), row_weight.repeat_interleave(top_k))
-    denom = row_weight.sum()
-    f = hits / denom
-    P = (probs * row_weight[:, None]).sum(0) / denom
+    return hits, (probs * row_weight[:, None]).sum(0), row_weight.sum()
+
+
+def aux_loss_from_terms(hits: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor,
+                        num_experts: int) -> torch.Tensor:
+    """``(n+m) * sum_i f~_i probs_i`` with ``f = hits / rows`` (``aux_loss_terms``); ``probs`` is
+    the mean probability ``P`` (or, on one data-parallel rank, its share of the global ``P``)."""
+    total = hits.shape[0]
+    f = hits / rows
     m = total - num_experts
     if m > 0:
         null_share = f[num_experts:].mean()
         f = torch.cat([f[:num_experts], null_share.expand(m)])
-    return total * torch.dot(f, P)
+    return total * torch.dot(f, probs)
 
 
 @dataclass

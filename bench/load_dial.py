@@ -88,7 +88,7 @@ def parse_args(argv=None):
 def finetune_config(args, backend: str, out_dir: str) -> ft.RunConfig:
     if backend not in ("cpu", "torch"):  # adamoe-finetune trains on the CPU: no triton there
         backend = "cpu" if cpu_extension_available() else "torch"
-    argv = ["--out", out_dir, "--backend", backend, "--no-plots"]
+    argv = ["--out", out_dir, "--backend", backend, "--device", "cpu", "--no-plots"]
     if args.quick:
         argv.append("--quick")
     if args.no_progress:

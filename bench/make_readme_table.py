@@ -164,6 +164,32 @@ def finetune_table(payload) -> list[str]:
     return out
 
 
+def _mib(v):
+    return "-" if v is None else f"{v / 2**20:.2f}"
+
+
+def finetune_parallel_table(payload) -> list[str]:
+    """``finetune_step.py --nproc N``: tokens/s per strategy, bytes of the expert all-to-alls."""
+    m = payload["meta"]
+    s = m.get("sizes", {})
+    out = [f"MixtralForCausalLM, {s.get('layers')} layers, H={s.get('hidden')}, "
+           f"I={s.get('intermediate')}, {m.get('tokens_per_step')} tokens/step over "
+           f"{m.get('nproc')} processes ({m.get('process_group_backend')}"
+           + (f", {m['threads_per_rank']} thread(s) each" if m.get("threads_per_rank") else "")
+           + "); expert-parallel bytes per step: forward + backward all-to-alls, all ranks, at the "
+           "load of the last timed step:", "",
+           "| strategy | setting | L | L last step | step ms | tokens/s | speedup vs top-2 | "
+           "EP MiB/step | EP MiB/step if nulls were shipped |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in payload["rows"]:
+        out.append(f"| {r['strategy']} | {r['config']} | {_f(r['load'])} | "
+                   f"{_f(r.get('load_after_steps'))} | {_f(r['step_ms'], 1)} | "
+                   f"{_f(r['tokens_per_s'], 0)} | {_x(r.get('speedup'))} | "
+                   f"{_mib(r.get('bytes_per_step'))} | {_mib(r.get('bytes_per_step_nulls_shipped'))} |")
+    out.append("")
+    return out
+
+
 def load_dial_table(payload) -> list[str]:
     m = payload["meta"]
     info, s = m.get("adamoe", {}), m.get("model_sizes", {})
@@ -208,6 +234,10 @@ def render(results: dict, repo_root: Path) -> str:
             lines += [f"Kernels — {_source(p, repo_root)}:", ""] + kernels_table(p)
         for name in sorted(k for k in scripts if k.startswith("finetune_step")):
             p = scripts[name]
+            if (p["meta"].get("nproc") or 1) > 1:
+                lines += [f"Training step on {p['meta']['nproc']} processes (DDP, FSDP2, expert "
+                          f"parallel) — {_source(p, repo_root)}:", ""] + finetune_parallel_table(p)
+                continue
             bits = []
             if p["meta"].get("impl") == "convert_model" and "Mixtral" in str(p["meta"].get("model")):
                 bits.append("`ak.convert_model`")

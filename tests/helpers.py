@@ -1,8 +1,15 @@
-"""Shared test inputs: routing logits with controlled edge cases, expert weights, tolerances."""
+"""Shared test inputs (routing logits with controlled edge cases, expert weights, tolerances) and
+the spawning of gloo ranks for the multi-process tests."""
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 # (T, n, m, k, normalize): T=1, T not a multiple of any block, k = n+m, n+m not a power of two,
 # m = 0 (plain Mixtral routing).
@@ -41,3 +48,23 @@ def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
 def assert_close(actual, expected, atol, rtol, name=""):
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol,
                                msg=lambda m: f"{name}: {m}")
+
+
+def spawn_ranks(fn, world: int, init_file: str, args: tuple, timeout_s: float = 120.0) -> None:
+    """Run ``fn(rank, world, init_file, *args)`` in ``world`` spawned processes and wait for them
+    (killing them, and failing the test, after ``timeout_s``: a collective mismatch hangs)."""
+    ctx = mp.start_processes(fn, args=(world, init_file, *args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks did not finish in {timeout_s} s (collective mismatch?)")
+
+
+def init_gloo(rank: int, world: int, init_file: str, timeout_s: float = 60.0) -> None:
+    """One thread per rank and a gloo process group through ``init_file`` (in a spawned rank)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))

@@ -126,6 +126,28 @@ def test_finetune_step_package_models(tmp_path, variant):
     assert abs(rows[-1]["load"] - 1.0) <= 0.1
 
 
+@pytest.mark.slow
+def test_finetune_step_nproc(tmp_path):
+    """``--nproc 2``: DDP, FSDP2 and expert parallel on 2 gloo ranks; bytes of the expert
+    all-to-alls fall with the load (null slots are not sent); the README generator renders it."""
+    res = finetune_step.main(FAST + ["--nproc", "2", "--threads", "1", "--hidden", "32",
+                                     "--intermediate", "64", "--layers", "1", "--heads", "2",
+                                     "--kv-heads", "1", "--vocab", "64", "--batch", "2", "--seq", "32",
+                                     "--configs", "m8k3", "--loads", "1.0", "--no-plot",
+                                     "--out", str(tmp_path / "results" / "cpu-test")])
+    rows = _load(res["json"])["rows"]
+    assert [(r["strategy"], r["config"]) for r in rows] == [
+        (s, c) for s in ("ddp", "fsdp", "ep") for c in ("top2", "m8k3")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["speedup"] > 0 and r["calibration_hit"]
+    top2, ada = [r for r in rows if r["strategy"] == "ep"]
+    assert top2["bytes_per_step"] == top2["bytes_per_step_nulls_shipped"]  # no null slot at top-2
+    assert ada["bytes_per_step"] < 0.75 * top2["bytes_per_step"]           # L = 1 instead of 2
+    assert ada["bytes_per_step"] < ada["bytes_per_step_nulls_shipped"] / 2
+    table = make_readme_table.render(make_readme_table.load_results(tmp_path / "results"), tmp_path)
+    assert "Training step on 2 processes" in table and "| ep | m8k3 |" in table
+
+
 def test_load_dial(tmp_path):
     """In-process fine-tuning run (tiny), then the dial and top-p sweeps; then --model reloads it."""
     tiny_ft = "--base-steps 3 --steps-per-epoch 2 --epochs 1 --eval-windows 4 --batch-size 2 --seq-len 32"

@@ -8,20 +8,18 @@ explicit ``backend`` ("torch" or "cpu"): the Triton interpreter is far too slow 
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import adamoe_kernels as ak
 from adamoe_kernels.ops.backend import cpu_extension_available
 from adamoe_kernels.training.distributed import ExpertParallelMoE, combine
+from helpers import init_gloo, spawn_ranks
 
 BACKENDS = ["torch"] + (["cpu"] if cpu_extension_available() else [])
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
@@ -84,9 +82,7 @@ def make_problem(case: Case, seed: int = 0):
 
 
 def _worker(rank: int, world: int, init_file: str, cases: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    init_gloo(rank, world, init_file)
     results = {}
     for name, case in cases.items():
         router, gate_up, down, xs, grads = make_problem(case)
@@ -114,14 +110,7 @@ def _worker(rank: int, world: int, init_file: str, cases: dict, out_dir: str) ->
 
 
 def run_ranks(world: int, cases: dict, tmp_path, timeout_s: float = 120.0) -> list[dict]:
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init"), cases, str(tmp_path)),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} ranks did not finish in {timeout_s} s (collective mismatch?)")
+    spawn_ranks(_worker, world, str(tmp_path / "pg_init"), (cases, str(tmp_path)), timeout_s)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 

@@ -147,8 +147,7 @@ class AdaMoESparseMoeBlock(_AdaMoELayer):
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         routing = self._route(self.gate(x))
-        y = self.experts(x, routing.topk_ids, routing.topk_weights, routing=routing,
-                         null_kind=self.null_kind, backend=self.backend)
+        y = self._run_experts(x, routing)
         shared = getattr(self, "shared_expert", None)
         if shared is not None:
             out = shared(x)
@@ -157,6 +156,12 @@ class AdaMoESparseMoeBlock(_AdaMoELayer):
                 out = torch.sigmoid(shared_gate(x)) * out
             y = y + out
         return y.reshape(shape)
+
+    def _run_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The routed experts on ``x [T, H]``: transformers' ``ExpertsInterface`` (``"adamoe"``).
+        Expert parallelism (``ak.distributed.shard_experts``) overrides this step only."""
+        return self.experts(x, routing.topk_ids, routing.topk_weights, routing=routing,
+                            null_kind=self.null_kind, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, num_null_experts={self.num_null_experts}, "

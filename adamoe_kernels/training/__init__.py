@@ -3,7 +3,11 @@
 * ``finetune.py``: the fine-tuning command (``adamoe-finetune`` /
   ``python -m adamoe_kernels.training.finetune``);
 * ``distributed.py``: ``ExpertParallelMoE``, expert parallelism that sends only true assignments
-  (``ak.distributed``).
+  (``ak.distributed``), and ``shard_experts`` for converted transformers models;
+* ``parallel.py``: the command under ``torchrun`` (DDP, FSDP2, expert parallel; what the ranks
+  reduce);
+* ``checkpoint.py``: checkpoints that survive a kill (``torch.distributed.checkpoint`` shards,
+  written atomically, verified against a manifest, the last K kept).
 
 Nothing is imported here, so ``import adamoe_kernels`` never pays for the fine-tuning command.
 """

@@ -27,6 +27,11 @@ Gradient convention: an expert's gradient sums the contributions of every rank's
 were sent to it), i.e. it is the gradient of the *sum* of the ranks' losses. The replicated router
 gets only the local contribution: call ``sync_router_grads()`` (a sum all-reduce) after
 ``backward`` for the same convention, or average both if you average the losses (DDP averages).
+
+On a converted transformers model (``ak.convert_model``), ``shard_experts(model, group)`` gives
+every AdaMoE block the same dispatch (``expert_parallel_mlp``): the block keeps its replicated
+router and shared expert, its ``experts.gate_up_proj`` / ``experts.down_proj`` become the local
+shard (same parameter names), and ``unshard_experts(model)`` gathers them back (to save the model).
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ from torch import nn
 
 from .._contract import (SUPPORTED_FLOAT_DTYPES, Routing, check_int, check_layer_args,
                            check_tensor)
+from ..integrations.hf_models import AdaMoESparseMoeBlock
 from ..integrations.modules import route_with_null_bias
 from ..moe import moe_mlp
 
-__all__ = ["DispatchStats", "ExpertParallelMoE", "combine"]
+__all__ = ["DispatchStats", "ExpertParallelMoE", "ExpertParallelSparseMoeBlock", "combine",
+           "expert_parallel_mlp", "sharded_expert_parameters", "shard_experts", "unshard_experts"]
 
 
 @dataclass
@@ -117,6 +124,90 @@ def combine(outputs: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, *
     out = torch.zeros((T * k, H), dtype=torch.float32, device=outputs.device)
     out = out.index_copy(0, slots, outputs.float())
     return torch.bmm(weights.unsqueeze(1), out.view(T, k, H)).squeeze(1)
+
+
+def expert_parallel_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor,
+                        down_proj: torch.Tensor, *, num_experts: int, group=None,
+                        null_kind: str = "zero",
+                        backend: str | None = None) -> tuple[torch.Tensor, DispatchStats]:
+    """The routed experts of one AdaMoE layer with its true experts sharded over ``group``.
+
+    Args:
+        x: ``[T_local, H]`` this rank's tokens.
+        routing: their ``Routing`` over ``n + m`` experts (``ak.route``).
+        gate_up_proj, down_proj: this rank's shard, ``[n/W, 2I, H]`` and ``[n/W, H, I]``: rank
+            ``r`` owns the true experts ``r*n/W .. (r+1)*n/W - 1``.
+        num_experts: ``n``.
+        group: the process group (``None``: the world group; ``W = 1`` without
+            ``torch.distributed``).
+        null_kind, backend: as in ``ak.moe_mlp``.
+
+    Returns ``(y [T_local, H] in x's dtype, DispatchStats)``. A collective: every rank of the
+    group calls it, forward and backward. Only the true assignments are sent (steps 2-7 of the
+    module docstring).
+    """
+    T, H = x.shape
+    k = routing.topk_ids.shape[1]
+    W, rank = _group_info(group)
+    nl = gate_up_proj.shape[0]
+    if nl * W != num_experts:
+        raise ValueError(f"gate_up_proj holds {nl} experts; with {W} ranks and num_experts="
+                         f"{num_experts} each rank must hold num_experts / W")
+
+    # Counts: this rank's true assignments per expert, as [destination rank, local expert].
+    send_counts = routing.expert_counts.view(W, nl)
+    if W > 1:
+        recv_counts = _all_to_all(send_counts, [1] * W, [1] * W, group)
+    else:
+        recv_counts = send_counts
+    # The one host sync of the layer: all_to_all_single needs its split sizes as host ints.
+    splits = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()
+    send_splits, recv_splits = splits[:W], splits[W:]
+    A, R = sum(send_splits), sum(recv_splits)
+
+    # Dispatch: only the A true slots, grouped by expert (hence by destination rank).
+    slots = routing.sorted_slots[:A].long()
+    send_x = x.index_select(0, slots // k)                                       # [A, H]
+    recv_x = _AllToAll.apply(send_x, recv_splits, send_splits, group) if W > 1 else send_x
+    y_recv = _local_experts(recv_x, recv_counts, R, gate_up_proj, down_proj, backend)  # [R, H]
+    y_back = _AllToAll.apply(y_recv, send_splits, recv_splits, group) if W > 1 else y_recv
+
+    w = routing.topk_weights.float()                                             # [T, k]
+    y = combine(y_back, slots, w, compact=x.device.type == "cpu")
+    if null_kind == "identity":
+        null_w = torch.where(routing.topk_ids >= num_experts, w, torch.zeros_like(w))
+        y = y + null_w.sum(-1, keepdim=True) * x.float()
+
+    es = x.element_size()
+    rows_sent, rows_received = A - send_splits[rank], R - recv_splits[rank]
+    stats = DispatchStats(
+        slots=T * k, true_slots=A, rows_sent=rows_sent, rows_received=rows_received,
+        bytes_sent=(W - 1) * nl * send_counts.element_size() + (rows_sent + rows_received) * H * es)
+    return y.to(x.dtype), stats
+
+
+def _local_experts(rows: torch.Tensor, recv_counts: torch.Tensor, R: int,
+                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   backend: str | None) -> torch.Tensor:
+    """The local experts on the received rows ``[R, H]`` (grouped by source, then expert)."""
+    if R == 0:
+        # Nothing to compute, but keep the output attached to the rows and the weights: the
+        # backward all-to-alls are collectives and must run on every rank.
+        tie = rows.sum() + gate_up_proj.sum() + down_proj.sum()
+        return rows.new_zeros((0, rows.shape[1])) + 0 * tie.to(rows.dtype)
+    W, nl = recv_counts.shape
+    dev = rows.device
+    block_expert = torch.arange(nl, device=dev).repeat(W)                        # [W*nl]
+    row_expert = torch.repeat_interleave(block_expert, recv_counts.reshape(-1).long(),
+                                         output_size=R)                          # [R]
+    counts = recv_counts.sum(0).to(torch.int32)
+    offsets = F.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
+    local = Routing(topk_ids=row_expert.to(torch.int32).unsqueeze(1),
+                    topk_weights=torch.ones((R, 1), dtype=torch.float32, device=dev),
+                    expert_counts=counts, expert_offsets=offsets,
+                    sorted_slots=torch.argsort(row_expert, stable=True).to(torch.int32),
+                    normalize="none")
+    return moe_mlp(rows, gate_up_proj, down_proj, local, backend=backend)
 
 
 class ExpertParallelMoE(nn.Module):
@@ -283,63 +374,13 @@ class ExpertParallelMoE(nn.Module):
         if x.dtype != self.gate_up_proj.dtype or x.device != self.gate_up_proj.device:
             raise TypeError(f"x is {x.dtype} on {x.device} but the layer is "
                             f"{self.gate_up_proj.dtype} on {self.gate_up_proj.device}")
-        T, H = x.shape
-        k, W, nl = self.top_k, self.world_size, self.num_local_experts
         routing = self._route(x)
         with torch.no_grad():
             self.last_load.copy_(routing.load())
-
-        # Counts: this rank's true assignments per expert, as [destination rank, local expert].
-        send_counts = routing.expert_counts.view(W, nl)
-        if W > 1:
-            recv_counts = _all_to_all(send_counts, [1] * W, [1] * W, self.group)
-        else:
-            recv_counts = send_counts
-        # The one host sync of the layer: all_to_all_single needs its split sizes as host ints.
-        splits = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()
-        send_splits, recv_splits = splits[:W], splits[W:]
-        A, R = sum(send_splits), sum(recv_splits)
-
-        # Dispatch: only the A true slots, grouped by expert (hence by destination rank).
-        slots = routing.sorted_slots[:A].long()
-        send_x = x.index_select(0, slots // k)                                   # [A, H]
-        recv_x = _AllToAll.apply(send_x, recv_splits, send_splits, self.group) if W > 1 else send_x
-        y_recv = self._local_experts(recv_x, recv_counts, R)                     # [R, H]
-        y_back = _AllToAll.apply(y_recv, send_splits, recv_splits, self.group) if W > 1 else y_recv
-
-        w = routing.topk_weights.float()                                         # [T, k]
-        y = combine(y_back, slots, w, compact=x.device.type == "cpu")
-        if self.null_kind == "identity":
-            null_w = torch.where(routing.topk_ids >= self.num_experts, w, torch.zeros_like(w))
-            y = y + null_w.sum(-1, keepdim=True) * x.float()
-
-        es = x.element_size()
-        rows_sent, rows_received = A - send_splits[self.rank], R - recv_splits[self.rank]
-        self.last_stats = DispatchStats(
-            slots=T * k, true_slots=A, rows_sent=rows_sent, rows_received=rows_received,
-            bytes_sent=(W - 1) * nl * send_counts.element_size() + (rows_sent + rows_received) * H * es)
-        return y.to(x.dtype)
-
-    def _local_experts(self, rows: torch.Tensor, recv_counts: torch.Tensor, R: int) -> torch.Tensor:
-        """The local experts on the received rows ``[R, H]`` (grouped by source, then expert)."""
-        if R == 0:
-            # Nothing to compute, but keep the output attached to the rows and the weights: the
-            # backward all-to-alls are collectives and must run on every rank.
-            tie = rows.sum() + self.gate_up_proj.sum() + self.down_proj.sum()
-            return rows.new_zeros((0, self.hidden_size)) + 0 * tie.to(rows.dtype)
-        W, nl = self.world_size, self.num_local_experts
-        dev = rows.device
-        block_expert = torch.arange(nl, device=dev).repeat(W)                    # [W*nl]
-        row_expert = torch.repeat_interleave(block_expert, recv_counts.reshape(-1).long(),
-                                             output_size=R)                      # [R]
-        counts = recv_counts.sum(0).to(torch.int32)
-        offsets = F.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
-        local = Routing(topk_ids=row_expert.to(torch.int32).unsqueeze(1),
-                        topk_weights=torch.ones((R, 1), dtype=torch.float32, device=dev),
-                        expert_counts=counts, expert_offsets=offsets,
-                        sorted_slots=torch.argsort(row_expert, stable=True).to(torch.int32),
-                        normalize="none")
-        return moe_mlp(rows, self.gate_up_proj, self.down_proj, local, backend=self.backend)
+        y, self.last_stats = expert_parallel_mlp(
+            x, routing, self.gate_up_proj, self.down_proj, num_experts=self.num_experts,
+            group=self.group, null_kind=self.null_kind, backend=self.backend)
+        return y
 
     # ---- training helpers -----------------------------------------------------------------
 
@@ -363,3 +404,113 @@ class ExpertParallelMoE(nn.Module):
                 f"{self.expert_start}), num_null_experts={self.num_null_experts}, "
                 f"top_k={self.top_k}, world_size={self.world_size}, normalize={self.normalize!r}, "
                 f"null_kind={self.null_kind!r}")
+
+
+# ---- expert parallelism on a converted transformers model ----------------------------------------
+
+class ExpertParallelSparseMoeBlock(AdaMoESparseMoeBlock):
+    """A converted MoE block (``ak.convert_model``) whose true experts are sharded over a group.
+
+    Made by ``shard_experts`` from an ``AdaMoESparseMoeBlock``: the router (``gate``), the load
+    dial, top-p and any shared expert stay replicated; ``experts.gate_up_proj`` /
+    ``experts.down_proj`` hold experts ``expert_start .. expert_start + num_local_experts - 1``
+    only, and the routed experts run through ``expert_parallel_mlp`` (only true assignments are
+    sent). ``last_stats`` is the ``DispatchStats`` of the last forward. Every rank of ``group``
+    must run the model together (forward and backward are collectives).
+    """
+
+    group = None
+    world_size, rank, num_local_experts, expert_start = 1, 0, 0, 0
+    last_stats: DispatchStats | None = None
+
+    def _run_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        y, self.last_stats = expert_parallel_mlp(
+            x, routing, self.experts.gate_up_proj, self.experts.down_proj,
+            num_experts=self.num_experts, group=self.group, null_kind=self.null_kind,
+            backend=self.backend)
+        return y
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", world_size={self.world_size}, local experts "
+                f"{self.expert_start}..{self.expert_start + self.num_local_experts - 1}")
+
+
+_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def shard_experts(model: nn.Module, group=None) -> nn.Module:
+    """Expert parallelism on a model converted by ``ak.convert_model`` (in place; returns it).
+
+    Every ``AdaMoESparseMoeBlock`` becomes an ``ExpertParallelSparseMoeBlock``: rank ``r`` of
+    ``group`` (default: the world group) keeps true experts ``r*n/W .. (r+1)*n/W - 1`` of each
+    block (``n % W == 0``) and the tokens reach them through the all-to-all of
+    ``expert_parallel_mlp``, which sends only the true assignments: null slots never cross the
+    wire. Parameter names do not change (``...mlp.experts.gate_up_proj`` is now the local shard);
+    everything else stays replicated. Every rank must pass the same full weights (load or seed
+    the model identically), and build its optimizer after this call.
+
+    Gradients of the shards follow the convention of ``ExpertParallelMoE``: the sum over every
+    rank's tokens. Averaging data parallelism (DDP/FSDP on the replicated rest) divides them by
+    ``W`` (``adamoe_kernels.training.parallel`` does). Do not let DDP/FSDP manage the shards:
+    pass ``sharded_expert_parameters(model)`` as ignored parameters. With DDP use a group of its
+    own for the experts (``dist.new_group()``), so the two never interleave collectives.
+    """
+    blocks = [mod for mod in model.modules() if isinstance(mod, AdaMoESparseMoeBlock)]
+    if not blocks:
+        raise ValueError("model has no converted MoE blocks: run ak.convert_model first (dense "
+                         "Mo-LoRA models have no experts to shard)")
+    if any(isinstance(block, ExpertParallelSparseMoeBlock) for block in blocks):
+        raise ValueError("model is already expert parallel (shard_experts was called)")
+    world, rank = _group_info(group)
+    for block in blocks:
+        n = block.num_experts
+        if n % world:
+            raise ValueError(f"num_experts ({n}) must be divisible by the process group size "
+                             f"({world}): experts are sharded in equal contiguous blocks")
+    for block in blocks:
+        nl = block.num_experts // world
+        lo = rank * nl
+        for name in _EXPERT_WEIGHTS:
+            full = getattr(block.experts, name)
+            shard = nn.Parameter(full.detach()[lo:lo + nl].clone(),
+                                 requires_grad=full.requires_grad)
+            setattr(block.experts, name, shard)
+        block.__class__ = ExpertParallelSparseMoeBlock
+        block.group, block.world_size, block.rank = group, world, rank
+        block.num_local_experts, block.expert_start = nl, lo
+        block.last_stats = None
+    return model
+
+
+def sharded_expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: shard}`` of the expert weights ``shard_experts`` split over the ranks."""
+    out = {}
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, ExpertParallelSparseMoeBlock):
+            for name in _EXPERT_WEIGHTS:
+                out[f"{prefix}.experts.{name}"] = getattr(mod.experts, name)
+    return out
+
+
+@torch.no_grad()
+def unshard_experts(model: nn.Module) -> nn.Module:
+    """Undo ``shard_experts`` (in place; returns ``model``): gather every block's expert shards
+    into full ``[n, ...]`` Parameters on every rank (an all-gather per weight: a collective).
+    Afterwards ``save_pretrained`` writes the full model and the blocks run locally again."""
+    for mod in list(model.modules()):
+        if not isinstance(mod, ExpertParallelSparseMoeBlock):
+            continue
+        for name in _EXPERT_WEIGHTS:
+            shard = getattr(mod.experts, name)
+            if mod.world_size > 1:
+                parts = [torch.empty_like(shard) for _ in range(mod.world_size)]
+                dist.all_gather(parts, shard.detach().contiguous(), group=mod.group)
+            else:
+                parts = [shard.detach()]
+            setattr(mod.experts, name, nn.Parameter(torch.cat(parts),
+                                                    requires_grad=shard.requires_grad))
+        for attr in ("group", "world_size", "rank", "num_local_experts", "expert_start",
+                     "last_stats"):
+            mod.__dict__.pop(attr, None)
+        mod.__class__ = AdaMoESparseMoeBlock
+    return model

@@ -13,26 +13,39 @@ FLOPs saved vs top-2) to ``--out``.
 (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) get null experts via ``ak.convert_model``, dense models
 (Llama, ...) get Mo-LoRA experts via ``ak.add_mo_lora``, checkpoints saved after either are
 reloaded with ``ak.from_pretrained``.
+
+Under ``torchrun --nproc-per-node N`` the same command trains data parallel (DDP), with
+``--fsdp`` sharded by FSDP2, with ``--expert-parallel`` with every MoE block's true experts split
+over the ranks (``adamoe_kernels.training.parallel``); each rank takes its rows of the same global
+batch, so the run equals the single-process one. ``--save-every N`` writes checkpoints that
+survive a kill (``adamoe_kernels.training.checkpoint``) and ``--resume`` continues from the
+newest intact one, bit for bit on the deterministic CPU backend.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from ..integrations import (SUPPORTED_MOE_MODELS, add_mo_lora, convert_model, expert_load,
-                            from_pretrained)
+from ..integrations import SUPPORTED_MOE_MODELS, add_mo_lora, convert_model, from_pretrained
+from ..integrations.hf_models import adamoe_layers
+from ..integrations.load_control import LoadController
 from ..losses import AlphaSchedule
 from ..ops.backend import BACKENDS, resolve_backend
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .parallel import Parallel
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -122,6 +135,21 @@ class RunConfig:
     baseline: bool = False
     plots: bool = True
     progress: bool = True
+    device: str = "auto"
+    fsdp: bool = False
+    expert_parallel: bool = False
+    target_load: float | None = None
+    load_rate: float = 0.01
+    save_every: int = 0
+    keep_last: int = 2
+    checkpoint_dir: str | None = None
+    resume: str | None = None
+
+
+# What may differ between a run and its resumption: where things go and how the work is spread
+# (torch.distributed.checkpoint reshards). Everything else must match the checkpoint.
+RESUME_MAY_CHANGE = ("out", "save_model", "plots", "progress", "device", "backend", "fsdp",
+                     "expert_parallel", "save_every", "keep_last", "checkpoint_dir", "resume")
 
 
 def parse_args(argv=None) -> RunConfig:
@@ -158,6 +186,33 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--no-save", action="store_true", help="do not save the fine-tuned model")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (this rank's GPU if CUDA is available, else CPU), 'cpu', 'cuda'")
+    g = p.add_argument_group(
+        "scale-out (launch with torchrun --nproc-per-node N; plain data parallel (DDP) by "
+        "default; --batch-size is the global batch, split evenly over the ranks)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state with FSDP2 "
+                        "(fully_shard per decoder layer)")
+    g.add_argument("--expert-parallel", action="store_true",
+                   help="split each MoE block's true experts over the ranks (all-to-all of the "
+                        "true assignments only); the rest data parallel (DDP, or FSDP2 with --fsdp)")
+    g = p.add_argument_group("load controller")
+    g.add_argument("--target-load", type=float, default=None,
+                   help="hold each layer's load near L during fine-tuning with ak.LoadController "
+                        "(a null-logit bias stepped after every optimizer step)")
+    g.add_argument("--load-rate", type=float, default=0.01, help="the controller's bias step")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="write a checkpoint every N optimizer steps (0: never)")
+    g.add_argument("--keep-last", type=int, default=2, metavar="K",
+                   help="keep the K newest checkpoints")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="where checkpoints go (default: OUT/checkpoints; with several machines a "
+                        "file system they all see)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue from the newest intact checkpoint (or from the checkpoint "
+                        "folder PATH); starts from the beginning if there is none")
     a = p.parse_args(argv)
     cfg = RunConfig(model=a.model, text=a.text, out=a.out, num_null_experts=a.num_null_experts,
                     top_k=a.top_k, normalize=a.normalize, backend=a.backend, epochs=a.epochs,
@@ -165,7 +220,17 @@ def parse_args(argv=None) -> RunConfig:
                     batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, base_lr=a.base_lr,
                     eval_windows=a.eval_windows, seed=a.seed, save_model=not a.no_save,
                     baseline=a.baseline,
-                    plots=not a.no_plots, progress=not a.no_progress)
+                    plots=not a.no_plots, progress=not a.no_progress, device=a.device,
+                    fsdp=a.fsdp, expert_parallel=a.expert_parallel, target_load=a.target_load,
+                    load_rate=a.load_rate, save_every=a.save_every, keep_last=a.keep_last,
+                    checkpoint_dir=a.checkpoint_dir, resume=a.resume)
+    if cfg.save_every < 0:
+        p.error("--save-every must be >= 0")
+    if cfg.keep_last < 1:
+        p.error("--keep-last must be >= 1")
+    if cfg.baseline and (cfg.save_every or cfg.resume):
+        p.error("--baseline cannot be combined with --save-every/--resume (the control model "
+                "is not checkpointed)")
     if a.quick:
         cfg.hidden_size, cfg.num_layers, cfg.intermediate_size = 64, 2, 128
         cfg.seq_len, cfg.eval_windows = min(cfg.seq_len, 64), min(cfg.eval_windows, 16)
@@ -216,71 +281,212 @@ def load_user_model(cfg: RunConfig):
 
 # ---- training ---------------------------------------------------------------------------------
 
+PHASES = ("base", "finetune", "baseline_top2")
+
+
 @torch.no_grad()
-def evaluate(model, data: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    """Mean LM loss over ``data [N, S]`` windows, and the mean load over layers and batches."""
+def evaluate(model, data: torch.Tensor, batch_size: int,
+             parallel: Parallel | None = None) -> tuple[float, float]:
+    """Mean LM loss over ``data [N, S]`` windows, and the mean load (over layers and tokens).
+
+    Under several ranks each takes its rows of every batch (a collective: all ranks call it
+    with the same ``data``) and the sums are all-reduced."""
+    par = parallel or Parallel()
     was_training = model.training
     model.eval()
-    losses, loads = [], []
+    layers = adamoe_layers(par.unwrap(model))
+    sums = torch.zeros(2)
     for i in range(0, data.shape[0], batch_size):
-        batch = data[i:i + batch_size]
+        batch = par.shard(data[i:i + batch_size])
         out = model(input_ids=batch, labels=batch, output_router_logits=False)
-        losses.append(float(out.loss) * batch.shape[0])
-        loads.append(sum(expert_load(model)) / len(expert_load(model)))
+        load = torch.stack([layer.last_load.float() for layer in layers]).mean()
+        sums += torch.stack([out.loss.float(), load]).cpu() * batch.shape[0]
     model.train(was_training)
-    return sum(losses) / data.shape[0], sum(loads) / len(loads)
+    loss, load = (par.mean(sums) * par.world_size / data.shape[0]).tolist()
+    return loss, load
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True, initial=initial)
+
+
+class RunState:
+    """What one run carries between phases: its config and ranks, the log, the eval losses, the
+    checkpoints and, with ``--resume``, the checkpoint it continues from."""
+
+    def __init__(self, cfg: RunConfig, parallel: Parallel, data_sha256: str):
+        self.cfg, self.par, self.data_sha256 = cfg, parallel, data_sha256
+        self.log: list = []
+        self.evals: dict = {}
+        self.global_step = 0
+        self.phase_tokens, self.phase_seconds = 0, 0.0
+        self.resume_path: Path | None = None
+        self.resume_state: dict | None = None
+        self.ckpt = None
+        if cfg.save_every or cfg.resume:
+            root = cfg.checkpoint_dir or os.path.join(cfg.out, "checkpoints")
+            self.ckpt = Checkpointer(root, keep_last=cfg.keep_last, parallel=parallel)
+
+    # ---- resume -------------------------------------------------------------------------------
+
+    def find_resume_point(self) -> None:
+        """With ``--resume``: the checkpoint to continue from, its log and eval losses."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return
+        if cfg.resume == "latest":
+            path = self.ckpt.latest()
+        else:
+            path = Path(cfg.resume)
+            error = self.ckpt.verify_all(path)
+            if error is not None:
+                raise ValueError(f"--resume {path}: {error}")
+        if path is None:
+            if self.par.is_main:
+                print(f"--resume: no checkpoint in {self.ckpt.root}; starting from the beginning",
+                      flush=True)
+            return
+        state = self.ckpt.read_trainer_state(path)
+        saved, now = state["config"], asdict(cfg)
+        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"--resume {path}: the checkpoint was written with other settings: "
+                             + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in changed))
+        if state["data_sha256"] != self.data_sha256:
+            raise ValueError(f"--resume {path}: the training text differs from the checkpoint's")
+        if state["world_size"] != self.par.world_size and self.par.is_main:
+            warnings.warn(f"--resume {path}: saved by {state['world_size']} processes, resumed by "
+                          f"{self.par.world_size}: the model and optimizer are resharded, but "
+                          "the run is no longer bit-identical to an uninterrupted one",
+                          RuntimeWarning, stacklevel=2)
+        self.resume_path, self.resume_state = path, state
+        self.log, self.evals = state["log"], state["evals"]
+        self.global_step = state["global_step"]
+        if self.par.is_main:
+            print(f"resuming from {path} ({state['phase']} step {state['phase_step']})",
+                  flush=True)
+
+    def done(self, phase: str) -> bool:
+        """Did the checkpoint we resume from come after ``phase``?"""
+        return self.resume_state is not None and \
+            PHASES.index(self.resume_state["phase"]) > PHASES.index(phase)
+
+    def restore(self, phase: str, wrapped, opt, sched, controller) -> int:
+        """Load the checkpoint into this phase's model, optimizer, scheduler and RNG; returns
+        the step to continue from (0 when the checkpoint is not of this phase)."""
+        state = self.resume_state
+        if state is None or state["phase"] != phase:
+            return 0
+        app = self.par.model_state(wrapped, opt)
+        self.ckpt.load_app_state(self.resume_path, app)
+        self.par.load_model_state(wrapped, opt, app)
+        sched.load_state_dict(state["scheduler"])
+        if controller is not None and state["controller"] is not None:
+            controller.target_load = state["controller"]["target_load"]
+            controller.rate = state["controller"]["rate"]
+        rng = self.ckpt.read_rank_state(self.resume_path)
+        if rng is not None:
+            set_rng_state(rng, self.par.device)
+        return state["phase_step"]
+
+    # ---- save ---------------------------------------------------------------------------------
+
+    def maybe_save(self, phase: str, phase_step: int, wrapped, opt, sched, schedule,
+                   controller) -> None:
+        every = self.cfg.save_every
+        if not every or self.global_step % every:
+            return
+        trainer = {
+            "phase": phase, "phase_step": phase_step, "global_step": self.global_step,
+            "scheduler": sched.state_dict(),
+            "alpha_schedule": asdict(schedule) if schedule is not None else None,
+            "controller": ({"target_load": controller.target_load, "rate": controller.rate}
+                           if controller is not None else None),
+            "log": self.log, "evals": self.evals, "config": asdict(self.cfg),
+            "data_sha256": self.data_sha256,
+        }
+        self.ckpt.save(self.global_step, self.par.model_state(wrapped, opt), trainer,
+                       rng_state(self.par.device))
 
 
 def train_phase(model, batches: list[torch.Tensor], *, lr: float, schedule: AlphaSchedule | None,
-                steps_per_epoch: int, log: list, phase: str, progress: bool,
-                aux: bool) -> None:
-    """One optimizer step per batch; ``schedule(epoch)`` sets ``router_aux_loss_coef``."""
-    params = [p for p in model.parameters() if p.requires_grad]
+                steps_per_epoch: int, phase: str, run: RunState, aux: bool,
+                controller: LoadController | None = None,
+                data_parallel_only: bool = False):
+    """One optimizer step per global batch; ``schedule(epoch)`` sets ``router_aux_loss_coef``.
+
+    ``model`` is wrapped for the run's ranks (``Parallel.wrap``: DDP, FSDP2, expert parallel);
+    each rank trains on its rows of every batch. Returns the wrapped model. The loss is the LM
+    loss plus α times the null-aware loss of the global batch; loss, aux loss and per-layer
+    loads are averaged over the ranks before they are logged, and the load controller (if any)
+    steps every layer's ``null_bias`` from the global loads. With ``--save-every`` a checkpoint
+    is written every N steps of the whole run; a resumed run continues where it left off.
+    """
+    par, cfg = run.par, run.cfg
+    wrapped = par.wrap(model, data_parallel_only=data_parallel_only)
+    base = par.unwrap(wrapped)
+    layers = adamoe_layers(base)
+    info = base.config.adamoe
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = len(batches)
     warmup = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total)))
-    bar = _progress(total, phase, progress)
-    model.train()
+    start = run.restore(phase, wrapped, opt, sched, controller)
+    bar = _progress(total, phase, cfg.progress and par.is_main, initial=start)
+    wrapped.train()
     tokens, t0 = 0, time.perf_counter()
-    for step, batch in enumerate(batches):
+    for step in range(start, total):
         epoch = step // steps_per_epoch
         alpha = schedule(epoch) if schedule is not None else getattr(
-            model, "router_aux_loss_coef", 0.0)
-        model.router_aux_loss_coef = alpha
-        out = model(input_ids=batch, labels=batch, output_router_logits=aux)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+            base, "router_aux_loss_coef", 0.0)
+        base.router_aux_loss_coef = alpha
+        x = par.shard(batches[step])
+        out = wrapped(input_ids=x, labels=x, output_router_logits=False)
+        aux_loss = par.aux_loss(tuple(layer.last_router_logits for layer in layers),
+                                info["top_k"], info["num_experts"]) if aux else None
+        loss = out.loss + alpha * aux_loss if aux else out.loss
+        loss.backward()
+        par.finish_backward()
+        par.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        tokens += batch.numel()
+        zero = torch.zeros((), device=loss.device)
+        stats = par.mean(torch.stack([loss.detach(), out.loss.detach(),
+                                      aux_loss.detach() if aux else zero,
+                                      *[layer.last_load.float().to(loss.device)
+                                        for layer in layers]]))
+        if controller is not None:
+            par.set_loads(layers, stats[3:])
+            controller.update(base)
+        values = stats.tolist()
+        tokens += batches[step].numel()
         elapsed = time.perf_counter() - t0
-        loads = expert_load(model)
-        aux_value = float(out.aux_loss.detach()) if aux and out.aux_loss is not None else 0.0
-        total_loss = float(out.loss.detach())
-        lm_loss = total_loss - alpha * aux_value
-        rec = {"phase": phase, "step": step, "epoch": epoch, "loss": total_loss,
-               "lm_loss": lm_loss, "aux_loss": aux_value, "alpha": alpha, "load": loads,
+        rec = {"phase": phase, "step": step, "epoch": epoch, "loss": values[0],
+               "lm_loss": values[1], "aux_loss": values[2], "alpha": alpha, "load": values[3:],
                "tokens_per_s": tokens / elapsed}
-        log.append(rec)
+        if controller is not None:
+            rec["null_bias"] = [float(layer.null_bias) for layer in layers]
+        run.log.append(rec)
+        run.global_step += 1
         if bar is not None:
-            bar.set_postfix(loss=f"{lm_loss:.3f}", load=f"{sum(loads) / len(loads):.2f}",
+            loads = values[3:]
+            bar.set_postfix(loss=f"{values[1]:.3f}", load=f"{sum(loads) / len(loads):.2f}",
                             tok_s=f"{tokens / elapsed:.0f}")
             bar.update(1)
+        run.maybe_save(phase, step + 1, wrapped, opt, sched, schedule, controller)
     if bar is not None:
         bar.close()
+    run.phase_tokens, run.phase_seconds = tokens, time.perf_counter() - t0
+    return wrapped
 
 
 # ---- plots ------------------------------------------------------------------------------------
@@ -355,112 +561,141 @@ def write_plots(out_dir: str, log: list, evals: dict, flops_curve: list, top_k: 
 # ---- main -------------------------------------------------------------------------------------
 
 def run(cfg: RunConfig) -> dict:
+    """The whole run (a collective under torchrun: every rank calls it); returns the summary."""
+    par = Parallel.setup(fsdp=cfg.fsdp, expert_parallel=cfg.expert_parallel, device=cfg.device)
+    try:
+        return _run(cfg, par)
+    finally:
+        par.close()
+
+
+def _run(cfg: RunConfig, par: Parallel) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
+    par.check_batch(cfg.batch_size, "--batch-size")
+    par.check_batch(cfg.eval_windows, "--eval-windows")
+    if par.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
     t_start = time.perf_counter()
     text = builtin_text() if cfg.text is None else open(cfg.text, encoding="utf-8").read()
-    log: list = []
-    evals: dict = {}
 
     if cfg.model is None:
         tokenizer = ByteTokenizer()
         ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    else:
+        model, tokenizer, kind = load_user_model(cfg)
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)
+    run_state = RunState(cfg, par, hashlib.sha256(ids.numpy().tobytes()).hexdigest())
+    run_state.find_resume_point()
+    evals = run_state.evals
+
+    if cfg.model is None:
         # base model on the first 60% of the docs, fine-tune on the rest (last 10% held out)
         cut = int(ids.numel() * 0.6)
         base_ids, ft_ids = ids[:cut], ids[cut:]
-        model = tiny_mixtral(cfg, tokenizer.vocab_size)
+        model = tiny_mixtral(cfg, tokenizer.vocab_size).to(par.device)
         description = (f"tiny Mixtral (H={cfg.hidden_size}, layers={cfg.num_layers}, "
                        f"I={cfg.intermediate_size}, n={cfg.num_experts}, top-2, byte vocab)")
         kind = "moe"
         held = int(ft_ids.numel() * 0.9)
         ft_train, ft_eval = ft_ids[:held], ft_ids[held:]
         eval_data = windows(ft_eval, cfg.seq_len, cfg.eval_windows, gen, contiguous=True)
-        # 1) the stand-in for a pretrained MoE: plain top-2 (m = 0 runs exactly like transformers)
+        # 1) the stand-in for a pretrained MoE: plain top-2 (m = 0 runs exactly like transformers),
+        #    data parallel whatever the flags (it is converted afterwards)
         convert_model(model, 0, 2, backend=cfg.backend)
         base_batches = [windows(base_ids, cfg.seq_len, cfg.batch_size, gen)
                         for _ in range(cfg.base_steps)]
-        train_phase(model, base_batches, lr=cfg.base_lr, schedule=None,
-                    steps_per_epoch=max(cfg.base_steps, 1), log=log, phase="base",
-                    progress=cfg.progress, aux=True)
-        evals["base_top2"], _ = evaluate(model, eval_data, cfg.batch_size)
+        if not run_state.done("base"):
+            wrapped = train_phase(model, base_batches, lr=cfg.base_lr, schedule=None,
+                                  steps_per_epoch=max(cfg.base_steps, 1), phase="base",
+                                  run=run_state, aux=True, data_parallel_only=True)
+            model = par.unwrap(wrapped)
+            del wrapped  # its DDP hooks go with it
+        if "base_top2" not in evals:
+            evals["base_top2"], _ = evaluate(model, eval_data, cfg.batch_size, par)
         baseline = copy.deepcopy(model) if cfg.baseline else None
         # 2) AdaMoE: m null experts, top-k over n+m, router rows copied (paper §4.2.1)
         convert_model(model, cfg.num_null_experts, cfg.top_k, cfg.normalize,
                       backend=cfg.backend)
     else:
-        model, tokenizer, kind = load_user_model(cfg)
+        model = model.to(par.device)
         baseline = None
         description = f"{type(model).__name__} from {cfg.model}"
-        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)
         held = int(ids.numel() * 0.9)
         ft_train, ft_eval = ids[:held], ids[held:]
         eval_data = windows(ft_eval, cfg.seq_len, cfg.eval_windows, gen, contiguous=True)
 
     info = model.config.adamoe
-    evals["before"], load_before = evaluate(model, eval_data, cfg.batch_size)
+    if "before" not in evals:
+        evals["before"], evals["load_before"] = evaluate(model, eval_data, cfg.batch_size, par)
     sample = windows(ft_train, cfg.seq_len, cfg.steps_per_epoch * cfg.batch_size, gen)
     ft_batches = []
     for _ in range(cfg.epochs):
         order = torch.randperm(sample.shape[0], generator=gen)
         ft_batches += [sample[order[i:i + cfg.batch_size]]
                        for i in range(0, sample.shape[0], cfg.batch_size)]
-    t_ft = time.perf_counter()
-    train_phase(model, ft_batches, lr=cfg.lr, schedule=AlphaSchedule(),
-                steps_per_epoch=cfg.steps_per_epoch, log=log, phase="finetune",
-                progress=cfg.progress, aux=True)
-    ft_seconds = time.perf_counter() - t_ft
-    evals["after"], load_after = evaluate(model, eval_data, cfg.batch_size)
-    final_load = expert_load(model)
+    controller = (LoadController(cfg.target_load, cfg.load_rate)
+                  if cfg.target_load is not None else None)
+    wrapped = train_phase(model, ft_batches, lr=cfg.lr, schedule=AlphaSchedule(),
+                          steps_per_epoch=cfg.steps_per_epoch, phase="finetune", run=run_state,
+                          aux=True, controller=controller)
+    ft_tokens, ft_seconds = run_state.phase_tokens, run_state.phase_seconds
+    evals["after"], load_after = evaluate(wrapped, eval_data, cfg.batch_size, par)
+    log = run_state.log
+    ft_log = [r for r in log if r["phase"] == "finetune"]
+    final_load = ft_log[-1]["load"] if ft_log else []
     if baseline is not None:  # control: the top-2 model fine-tuned on the same batches
-        train_phase(baseline, ft_batches, lr=cfg.lr, schedule=AlphaSchedule(),
-                    steps_per_epoch=cfg.steps_per_epoch, log=log, phase="baseline_top2",
-                    progress=cfg.progress, aux=True)
-        evals["top2_finetuned"], _ = evaluate(baseline, eval_data, cfg.batch_size)
+        control = train_phase(baseline.to(par.device), ft_batches, lr=cfg.lr,
+                              schedule=AlphaSchedule(), steps_per_epoch=cfg.steps_per_epoch,
+                              phase="baseline_top2", run=run_state, aux=True)
+        evals["top2_finetuned"], _ = evaluate(control, eval_data, cfg.batch_size, par)
+        del control
 
     # FLOPs vs the top-2 model (MoE models; Mo-LoRA experts add negligible FLOPs)
     n, m, k = info["num_experts"], info["num_null_experts"], info["top_k"]
     flops_curve = []
     if kind == "moe":
         f_top2 = forward_flops_per_token(model.config, 2.0, n, cfg.seq_len)
-        for r in log:
-            if r["phase"] != "finetune":
-                continue
+        for r in ft_log:
             L = sum(r["load"]) / len(r["load"])
             f = forward_flops_per_token(model.config, L, n + m, cfg.seq_len)
             flops_curve.append({"step": r["step"], "load": L,
                                 "experts_pct": 100 * (1 - L / 2.0),
                                 "model_pct": 100 * (1 - f / f_top2)})
-    mean_after = load_after
+    load_before = evals.pop("load_before", None)  # kept in evals for the checkpoints
     summary = {
         "model": description,
         "adamoe": info,
-        "backend": resolve_backend(cfg.backend, torch.device("cpu")),
+        "backend": resolve_backend(cfg.backend, par.device),
+        "device": str(par.device),
+        "parallel": {"strategy": par.strategy, "world_size": par.world_size},
+        "resumed_from": str(run_state.resume_path) if run_state.resume_path else None,
         "eval_loss": evals,
         "eval_load_before": load_before,
         "eval_load_after": load_after,
         "final_train_load_per_layer": final_load,
         "flops_saved_vs_top2_pct": ({
-            "experts": 100 * (1 - mean_after / 2.0),
-            "whole_model": 100 * (1 - forward_flops_per_token(model.config, mean_after, n + m,
+            "experts": 100 * (1 - load_after / 2.0),
+            "whole_model": 100 * (1 - forward_flops_per_token(model.config, load_after, n + m,
                                                               cfg.seq_len)
                                   / forward_flops_per_token(model.config, 2.0, n,
                                                             cfg.seq_len))}
             if kind == "moe" else None),
-        "finetune_tokens_per_s": (sum(b.numel() for b in ft_batches) / ft_seconds),
+        "finetune_tokens_per_s": ft_tokens / ft_seconds if ft_seconds > 0 else None,
         "wall_seconds": time.perf_counter() - t_start,
         "torch_threads": torch.get_num_threads(),
     }
-    plots = write_plots(cfg.out, log, evals, flops_curve, k) if cfg.plots else []
+    plots = write_plots(cfg.out, log, evals, flops_curve, k) if cfg.plots and par.is_main else []
     summary["plots"] = plots
     if cfg.save_model:
-        model.save_pretrained(os.path.join(cfg.out, "model"))
+        par.save_pretrained(wrapped, os.path.join(cfg.out, "model"))
         summary["saved_model"] = os.path.join(cfg.out, "model")
-    with open(os.path.join(cfg.out, "log.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "summary": summary, "steps": log}, f, indent=1)
     summary["log"] = os.path.join(cfg.out, "log.json")
-    print_summary(summary, k)
+    if par.is_main:
+        with open(summary["log"], "w") as f:
+            json.dump({"config": asdict(cfg), "summary": summary, "steps": log}, f, indent=1)
+        print_summary(summary, k)
     return summary
 
 
@@ -470,6 +705,12 @@ def print_summary(s: dict, k: int) -> None:
     lines = ["", "AdaMoE fine-tune summary", f"  model      : {s['model']}",
              f"  adamoe     : m={info['num_null_experts']} null experts, top-{info['top_k']} of "
              f"n+m={total}, normalize={info['normalize']!r}, backend={s['backend']}"]
+    par = s.get("parallel") or {}
+    if par.get("world_size", 1) > 1 or par.get("strategy", "single") != "single":
+        lines.append(f"  parallel   : {par['strategy']} over {par['world_size']} processes "
+                     f"({s['device']})")
+    if s.get("resumed_from"):
+        lines.append(f"  resumed    : from {s['resumed_from']}")
     if "base_top2" in ev:
         lines.append(f"  eval loss  : base top-2 {ev['base_top2']:.4f}")
     lines.append(f"  eval loss  : before fine-tune {ev['before']:.4f} -> after {ev['after']:.4f}")
@@ -483,8 +724,9 @@ def print_summary(s: dict, k: int) -> None:
         fl = s["flops_saved_vs_top2_pct"]
         lines.append(f"  FLOPs saved vs top-2: experts {fl['experts']:.1f}%, whole model "
                      f"{fl['whole_model']:.1f}%")
-    lines.append(f"  speed      : {s['finetune_tokens_per_s']:.0f} tokens/s fine-tuning, "
-                 f"{s['wall_seconds']:.0f} s in all ({s['torch_threads']} threads)")
+    if s["finetune_tokens_per_s"] is not None:
+        lines.append(f"  speed      : {s['finetune_tokens_per_s']:.0f} tokens/s fine-tuning, "
+                     f"{s['wall_seconds']:.0f} s in all ({s['torch_threads']} threads)")
     lines.append(f"  log        : {s['log']}")
     if s["plots"]:
         lines.append(f"  plots      : {', '.join(s['plots'])}")
