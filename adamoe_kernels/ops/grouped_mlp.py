@@ -48,7 +48,10 @@ from ._common import KernelConfig, interpreting, new_empty
 INTERPRETER_GEMM = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
 GPU_GEMM = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
 GPU_GEMM_FP32 = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-GPU_SWIGLU_BWD = GPU_GEMM
+# The backward keeps three fp32 accumulators (gate, up, dy @ down): with 4 warps a 64x128 tile
+# needs > 255 registers per thread and spills on sm_90 (136-152 bytes; docs/kernel_resources.md);
+# 8 warps take 183 registers, 2 stages 128 KiB of shared memory (3 would take 192).
+GPU_SWIGLU_BWD = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=2)
 GPU_WGRAD = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
 GPU_DEFAULTS = {  # op -> (16-bit default, fp32 default)
     "gemm": (GPU_GEMM, GPU_GEMM_FP32),
