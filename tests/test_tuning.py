@@ -11,6 +11,7 @@ import adamoe_kernels as ak
 from adamoe_kernels import reference
 from adamoe_kernels.ops import grouped_mlp, tuning
 from adamoe_kernels.ops._common import KernelConfig
+from adamoe_kernels.ops.backend import interpreter_enabled
 from helpers import assert_close, make_experts, make_logits
 
 BIG = KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)
@@ -107,6 +108,11 @@ def test_nearest_rows_per_expert_and_generic_entries(tmp_path):
     assert generic.lookup("gemm", torch.bfloat16, 8, 4096, 14336, 4096) == BIG  # sized one wins
 
 
+needs_interpreter = pytest.mark.skipif(not interpreter_enabled(),
+                                       reason="runs the kernels on CPU under the interpreter")
+
+
+@needs_interpreter
 def test_the_interpreter_keeps_its_pinned_config(no_env, monkeypatch):
     monkeypatch.setenv(tuning.ENV_FILE, str(_write(no_env / "t.json", [_entry(H=32, I=48)])))
     x = torch.zeros(4, 32, dtype=torch.bfloat16)
@@ -160,6 +166,7 @@ def test_table_json_validates_what_the_tuner_writes(tmp_path):
         tuning.table_json([_entry(op="nope")])
 
 
+@needs_interpreter
 def test_forced_configs_run_under_the_interpreter():
     """The tuner's path: a forced config drives the kernels (here: under the interpreter) and the
     layer still matches the reference."""
