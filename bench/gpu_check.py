@@ -745,7 +745,6 @@ def _speedups(rows) -> list[dict]:
 
 def step_kernels(st: Step) -> None:
     import kernels
-    from harness import results
 
     p = st.plan
     tmp = Path(st.args.result).parent / "kernels"
@@ -899,7 +898,7 @@ def step_tuning(st: Step) -> None:
                                          triton=_triton_version())
                 _write_json(path, data)
             st.report(trials=trials, best=best_all, config_file=str(path) if entries else None)
-        del t, r, leaves
+        t = r = leaves = None  # free this shape's tensors before the next one
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     gains = ", ".join(f"{b['op']}@T={b['T']} {b['gain'] * 100:+.0f}%" for b in best_all)
