@@ -274,6 +274,7 @@ def run(args):
     dtype = cli.DTYPES[args.dtype]
     backend = cli.resolve_bench_backend(args.backend, device)
     cli.apply_threads(args, device)
+    cli.apply_timing(args)
     cli.seed_all(args.seed)
     size_key, s = sizes(args, device)
     warmup = args.warmup if args.warmup is not None else 2  # AdamW state, allocator, oneDNN caches

@@ -8,9 +8,12 @@
    rows (the roofline), (b) ``torch_grouped_mm``: gather + ``torch._grouped_mm`` (or
    ``F.grouped_mm``) x2 + SwiGLU + weighted combine, where the device supports it, (c) ``hf_eager``:
    transformers' per-expert Python loop (``MixtralExperts``, eager), (d) transformers'
-   ``grouped_mm`` and ``batched_mm`` experts functions. Every implementation gets the same routing;
+   ``grouped_mm``, ``batched_mm`` and ``sonicmoe`` experts functions (sonicmoe: CuteDSL kernels of
+   the ``kernels`` hub package, Hopper+; skipped with the reason where it does not load).
+   Every implementation gets the same routing;
    transformers' functions get the null slots as their expert-parallel sentinel (id ``n``, weight 0,
-   ``_is_expert_parallel=True``): ``grouped_mm`` then skips them, ``batched_mm`` still computes them.
+   ``_is_expert_parallel=True``): ``grouped_mm`` and ``sonicmoe`` then skip them, ``batched_mm``
+   still computes them.
 On CUDA, also checks that ``ak.route`` + ``ak.moe_mlp`` (forward and backward) make no host sync,
 with ``torch.cuda.set_sync_debug_mode("error")``.
 
@@ -30,7 +33,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # harness first: importing it puts the repository on sys.path (a checkout without pip install)
-from harness import cli, plotting, provenance, results, timing, workload  # noqa: E402
+from harness import cli, gpu, plotting, provenance, results, timing, workload  # noqa: E402
 import adamoe_kernels as ak  # noqa: E402
 
 SCRIPT = "kernels"
@@ -40,7 +43,10 @@ GPU_SHAPE, GPU_QUICK_SHAPE = ("mixtral-8x7b", 4096, 14336, 4096), ("mixtral-half
 CPU_SHAPE, CPU_QUICK_SHAPE = ("cpu", 1024, 2816, 512), ("cpu-quick", 512, 1408, 256)
 GPU_ROUTE_TOKENS, CPU_ROUTE_TOKENS, QUICK_ROUTE_TOKENS = [4096, 16384, 65536], [4096, 16384], [4096]
 FULL_LOADS, QUICK_LOADS = [1.66, 1.0, 0.5], [1.0]
-IMPLS = ("adamoe", "dense_mm", "torch_grouped_mm", "hf_eager", "hf_grouped_mm", "hf_batched_mm")
+IMPLS = ("adamoe", "dense_mm", "torch_grouped_mm", "hf_eager", "hf_grouped_mm", "hf_batched_mm",
+         "hf_sonicmoe")
+HF_IMPLEMENTATIONS = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm",
+                      "hf_batched_mm": "batched_mm", "hf_sonicmoe": "sonicmoe"}
 # hf_batched_mm gathers a weight copy per slot: skip it when that exceeds this many bytes.
 BATCHED_MM_BYTES_LIMIT = 512 << 20
 
@@ -192,7 +198,7 @@ def make_impls(names, r, num_true, x, params, H, I, device, dtype):
                 continue
             out[name] = (fn, None)
         elif name.startswith("hf_"):
-            impl = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm", "hf_batched_mm": "batched_mm"}[name]
+            impl = HF_IMPLEMENTATIONS[name]
             if impl == "batched_mm":
                 need = r.topk_ids.numel() * 3 * I * H * torch.finfo(dtype).bits // 8
                 if need > BATCHED_MM_BYTES_LIMIT:
@@ -302,11 +308,15 @@ def bench_gemm(args, device, dtype, backend, warmup, reps, bar):
 
 # ---- host-sync check --------------------------------------------------------------------------------
 
-def sync_check(device, dtype, backend):
+def sync_check(device, dtype, backend, shape=None):
     """Run route + moe_mlp (+ backward) under ``set_sync_debug_mode("error")`` on CUDA."""
-    if device.type != "cuda":
-        return {"checked": False, "reason": f"needs CUDA (device is {device.type})"}
     n, m, k, T, H, I = NUM_EXPERTS, 8, 3, 512, 256, 512
+    if shape:
+        T, H, I = shape
+    result = {"backend": backend, "dtype": str(dtype).removeprefix("torch."),
+              "shape": {"T": T, "H": H, "I": I, "n": n, "m": m, "k": k}}
+    if device.type != "cuda":
+        return {**result, **gpu.no_host_sync(lambda: None, device)}
     x = torch.randn(T, H, device=device, dtype=dtype, requires_grad=True)
     gu = (torch.randn(n, 2 * I, H, device=device, dtype=dtype) / H ** 0.5).requires_grad_()
     dn = (torch.randn(n, H, I, device=device, dtype=dtype) / I ** 0.5).requires_grad_()
@@ -316,18 +326,9 @@ def sync_check(device, dtype, backend):
         r = ak.route(logits, k, n, backend=backend)
         ak.moe_mlp(x, gu, dn, r, backend=backend).sum().backward()
 
-    step()  # compile / autotune first (autotuning itself synchronises)
-    torch.cuda.synchronize(device)
-    result = {"checked": True, "backend": backend, "shape": {"T": T, "H": H, "I": I, "n": n, "m": m, "k": k}}
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-        result.update(host_sync=False, message="route + moe_mlp forward+backward ran with no host sync")
-    except RuntimeError as e:
-        result.update(host_sync=True, message=str(e)[:500])
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize(device)
+    result.update(gpu.no_host_sync(step, device))
+    if result["checked"] and not result["host_sync"]:
+        result["message"] = "route + moe_mlp forward+backward ran with no host sync"
     return result
 
 
@@ -389,6 +390,7 @@ def main(argv=None):
     dtype = cli.DTYPES[args.dtype]
     backend = cli.resolve_bench_backend(args.backend, device)
     cli.apply_threads(args, device)
+    cli.apply_timing(args)
     cli.seed_all(args.seed)
     warmup = args.warmup if args.warmup is not None else 1
     reps = cli.reps_for(args, device, quick_default=5, full_default=10)

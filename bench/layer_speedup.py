@@ -155,6 +155,7 @@ def run(args):
     dtype = cli.DTYPES[args.dtype]
     backend = cli.resolve_bench_backend(args.backend, device)
     cli.apply_threads(args, device)
+    cli.apply_timing(args)
     cli.seed_all(args.seed)
     warmup = args.warmup if args.warmup is not None else 1
     reps = cli.reps_for(args, device, quick_default=5, full_default=10)

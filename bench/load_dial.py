@@ -286,6 +286,7 @@ def run(args):
     dtype = cli.DTYPES[args.dtype]
     backend = cli.resolve_bench_backend(args.backend, device)
     cli.apply_threads(args, device)
+    cli.apply_timing(args)
     cli.seed_all(args.seed)
     t_start = time.perf_counter()
     tmp = None

@@ -2,17 +2,13 @@
 
 Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so the shapes are tiny. GPU compilation is still checked here: every kernel is
-compiled ahead of time for sm_80 and sm_90 with the bf16 configs ``ops.lora.lora_configs`` really
-launches. That must use real ``JITFunction`` objects, but with TRITON_INTERPRET=1 set at import
-``@triton.jit`` returns ``InterpretedFunction`` wrappers (whose helper calls are wrappers too), so the
-AOT compile runs in a subprocess started with TRITON_INTERPRET=0 (``_aot_compile_all``).
+compiled ahead of time for sm_80 and sm_90 with the configs ``ops.lora.lora_configs`` really
+launches, by tests/aot_compile.py in a subprocess without TRITON_INTERPRET (with it,
+``@triton.jit`` returns interpreter wrappers), once per session (the ``aot_compiles`` fixture).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -207,108 +203,20 @@ def test_torch_compile_fullgraph(device):
 
 # --- ahead-of-time GPU compilation (no GPU needed) ------------------------------------------
 
-AOT_ARCHS = (80, 90)
-AOT_RANKS = (16, 128)   # rank 8/16 (BLOCK_R 16) and a wide rank (BLOCK_R 128, smaller tiles)
-
-
-def _aot_compile_all(archs=AOT_ARCHS, ranks=AOT_RANKS):
-    """Compile every LoRA kernel variant for ``cuda:sm_<arch>`` with the bf16 configs that
-    ``ops.lora.lora_configs(rank, interpret=False)`` launches. Must run with TRITON_INTERPRET=0.
-    Returns ``[(kernel, arch, rank, shared_bytes, has_mma)]``."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from adamoe_kernels.kernels import lora as K
-    from adamoe_kernels.ops.lora import block_ne, block_r, lora_configs
-
-    assert isinstance(K.lora_shrink_kernel, triton.runtime.jit.JITFunction), \
-        "AOT compile needs TRITON_INTERPRET=0 (JITFunction, not InterpretedFunction)"
-    fp_args = {"scaling"}
-    results = []
-    for rank in ranks:
-        cfgs = lora_configs(rank, interpret=False)
-        br, ne = block_r(rank), block_ne(8)
-        common = dict(UPCAST=False, DOT_PRECISION="tf32")
-        variants = [
-            ("shrink_fwd", K.lora_shrink_kernel, cfgs.shrink,
-             dict(x_ptr="bf16", w_ptr="bf16", u_ptr="fp32", topk_weights_ptr="fp32",
-                  du_ptr="fp32", dw_ptr="fp32"),
-             dict(IS_BWD=False, BLOCK_M=cfgs.shrink.BLOCK_M, BLOCK_K=cfgs.shrink.BLOCK_K,
-                  BLOCK_R=br, BLOCK_NE=ne)),
-            ("shrink_bwd", K.lora_shrink_kernel, cfgs.shrink,
-             dict(x_ptr="bf16", w_ptr="bf16", u_ptr="fp32", topk_weights_ptr="fp32",
-                  du_ptr="fp32", dw_ptr="fp32"),
-             dict(IS_BWD=True, BLOCK_M=cfgs.shrink.BLOCK_M, BLOCK_K=cfgs.shrink.BLOCK_K,
-                  BLOCK_R=br, BLOCK_NE=ne)),
-            ("expand_fwd", K.lora_expand_kernel, cfgs.expand,
-             dict(v_ptr="fp32", w_ptr="bf16", topk_weights_ptr="fp32", out_ptr="bf16"),
-             dict(HAS_WEIGHT=True, BLOCK_M=cfgs.expand.BLOCK_M, BLOCK_N=cfgs.expand.BLOCK_N,
-                  BLOCK_R=br, BLOCK_NE=ne)),
-            ("expand_dx", K.lora_expand_kernel, cfgs.expand,
-             dict(v_ptr="fp32", w_ptr="bf16", topk_weights_ptr="fp32", out_ptr="bf16"),
-             dict(HAS_WEIGHT=False, BLOCK_M=cfgs.expand.BLOCK_M, BLOCK_N=cfgs.expand.BLOCK_N,
-                  BLOCK_R=br, BLOCK_NE=ne)),
-            ("combine", K.lora_combine_kernel, cfgs.combine,
-             dict(out_ptr="bf16", topk_ids_ptr="i32", y_ptr="bf16"),
-             dict(BLOCK_T=cfgs.combine.BLOCK_M, BLOCK_N=cfgs.combine.BLOCK_N)),
-            ("wgrad_dB", K.lora_wgrad_kernel, cfgs.wgrad,
-             dict(l_ptr="bf16", v_ptr="fp32", topk_weights_ptr="fp32", dw_ptr="bf16"),
-             dict(HAS_WEIGHT=True, BLOCK_M=cfgs.wgrad.BLOCK_M, BLOCK_N=cfgs.wgrad.BLOCK_N,
-                  BLOCK_R=br)),
-            ("wgrad_dA", K.lora_wgrad_kernel, cfgs.wgrad,
-             dict(l_ptr="bf16", v_ptr="fp32", topk_weights_ptr="fp32", dw_ptr="bf16"),
-             dict(HAS_WEIGHT=False, BLOCK_M=cfgs.wgrad.BLOCK_M, BLOCK_N=cfgs.wgrad.BLOCK_N,
-                  BLOCK_R=br)),
-        ]
-        for name, kernel, cfg, ptr_types, constexprs in variants:
-            if name == "combine" and rank != ranks[0]:
-                continue   # rank-independent
-            params = inspect.signature(kernel.fn).parameters
-            constexprs = {**{c: v for c, v in common.items() if c in params}, **constexprs}
-            signature = {}
-            for arg in params:
-                if arg in constexprs:
-                    signature[arg] = "constexpr"
-                elif arg.endswith("_ptr"):
-                    signature[arg] = "*" + ptr_types.get(arg, "i32")   # slots/offsets: int32
-                else:
-                    signature[arg] = "fp32" if arg in fp_args else "i32"
-            for arch in archs:
-                compiled = triton.compile(
-                    ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                    target=GPUTarget("cuda", arch, 32),
-                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                )
-                ptx = compiled.asm["ptx"]
-                results.append((name, arch, rank, compiled.metadata.shared,
-                                "mma" in ptx))
-    return results
-
-
-def test_aot_compile_sm80_sm90():
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        "import sys, json; sys.path.insert(0, %r); import test_lora; "
-        "print('RESULT', json.dumps(test_lora._aot_compile_all()))" % tests_dir
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=os.path.dirname(tests_dir))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
-
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    results = json.loads(line[len("RESULT "):])
+@pytest.mark.slow
+def test_aot_compile_sm80_sm90(aot_compiles):
+    """Every LoRA kernel variant ``ops.lora.lora_configs`` launches (ranks 16 and 128, bf16/fp16/
+    fp32) compiles for sm_80 and sm_90 (16-bit: with a tensor-core mma) and fits in shared memory: the
+    ``lora`` workload of tests/aot_compile.py (run once per session by the fixture)."""
+    rows = [r for r in aot_compiles["rows"] if r["kernel"].startswith("lora_")]
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     shared_limit = {80: 163 * 1024, 90: 227 * 1024}
     seen = set()
-    for name, arch, rank, shared, has_mma in results:
-        seen.add((name, arch))
-        assert shared <= shared_limit[arch], (name, arch, rank, shared)
-        if name != "combine":
-            assert has_mma, f"{name} sm_{arch} rank {rank}: no tensor-core mma in the PTX"
-    kernels = {"shrink_fwd", "shrink_bwd", "expand_fwd", "expand_dx", "combine", "wgrad_dB",
-               "wgrad_dA"}
-    assert seen == {(k, a) for k in kernels for a in AOT_ARCHS}
+    for r in rows:
+        seen.add((r["kernel"], r["sm"], r["dtype"]))
+        assert r["shared"] <= shared_limit[r["sm"]], r
+        if r["kernel"] != "lora_combine_kernel" and r["dtype"] != "fp32":  # fp32: exact, no mma
+            assert r["mma"], f"{r['kernel']} sm_{r['sm']} {r['workload']}: no mma in the PTX"
+    kernels = {"lora_shrink_kernel", "lora_expand_kernel", "lora_combine_kernel",
+               "lora_wgrad_kernel"}
+    assert seen == {(k, a, d) for k in kernels for a in (80, 90) for d in ("bf16", "fp16", "fp32")}

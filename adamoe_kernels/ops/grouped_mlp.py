@@ -39,37 +39,72 @@ from ..kernels.grouped_gemm import (
     slot_weight_grad_kernel,
     swiglu_backward_kernel,
 )
+from . import tuning
 from ._common import KernelConfig, interpreting, new_empty
 
 # Interpreter configs are small (numpy executes every program); GPU configs are a starting point
-# for H100/A100 bf16, to be replaced by per-shape tuned tables from bench/ when measured.
+# for H100/A100 bf16. Tuned per-device tables (``ops/tuning.py``, written by
+# ``bench/gpu_check.py``) replace them for the shapes they name; without one these apply.
 INTERPRETER_GEMM = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
 GPU_GEMM = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
 GPU_GEMM_FP32 = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+# The backward keeps three fp32 accumulators (gate, up, dy @ down): with 4 warps a 64x128 tile
+# needs > 255 registers per thread and spills on sm_90 (136-152 bytes; docs/kernel_resources.md);
+# 8 warps take 183 registers, 2 stages 128 KiB of shared memory (3 would take 192).
+GPU_SWIGLU_BWD = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=2)
 GPU_WGRAD = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+GPU_DEFAULTS = {  # op -> (16-bit default, fp32 default)
+    "gemm": (GPU_GEMM, GPU_GEMM_FP32),
+    "swiglu_bwd": (GPU_SWIGLU_BWD, GPU_GEMM_FP32),
+    "wgrad": (GPU_WGRAD, GPU_GEMM_FP32),
+}
 COMBINE_BLOCK_T = 16
 COMBINE_BLOCK_H = 128
 
 
-def gemm_config(x: torch.Tensor, num_assignments: int, num_experts: int) -> KernelConfig:
-    """Tile config for the row-tiled grouped GEMMs on ``x``'s device and dtype.
+def kernel_config(op: str, x: torch.Tensor, num_experts: int, hidden: int | None = None,
+                  intermediate: int | None = None, rows_per_expert: int | None = None
+                  ) -> KernelConfig:
+    """The config of ``op`` (``tuning.OPS``) for a layer on ``x``'s device and dtype.
+
+    A config forced by ``tuning.force_configs`` wins; under the interpreter the pinned one
+    applies; else the device's tuned table entry for ``(op, dtype, n, H, I)`` (when ``hidden``
+    and ``intermediate`` are given and one matches), else the built-in default.
+    """
+    cfg = tuning.forced(op)
+    if cfg is None:
+        if interpreting(x):
+            return INTERPRETER_GEMM
+        if hidden is not None and intermediate is not None:
+            cfg = tuning.lookup(op, x.device, x.dtype, n=num_experts, H=hidden, I=intermediate,
+                                rows_per_expert=rows_per_expert)
+        if cfg is None:
+            cfg = GPU_DEFAULTS[op][x.dtype == torch.float32]
+    return cfg
+
+
+def gemm_config(x: torch.Tensor, num_assignments: int, num_experts: int,
+                hidden: int | None = None, intermediate: int | None = None,
+                op: str = "gemm") -> KernelConfig:
+    """Tile config for the row-tiled grouped GEMMs (``op`` "gemm" or "swiglu_bwd") on ``x``.
 
     ``BLOCK_M`` follows the mean rows per expert (a static bound: ``T*k / n``), so small batches
     (decoding) waste at most a 16-row partial tile per expert instead of 64.
     """
-    if interpreting(x):
-        return INTERPRETER_GEMM
-    base = GPU_GEMM_FP32 if x.dtype == torch.float32 else GPU_GEMM
     rows = triton.cdiv(num_assignments, num_experts)
-    block_m = min(base.BLOCK_M, max(16, triton.next_power_of_2(rows)))
-    return dataclasses.replace(base, BLOCK_M=block_m)
+    cfg = kernel_config(op, x, num_experts, hidden, intermediate, rows)
+    if cfg is INTERPRETER_GEMM:
+        return cfg
+    block_m = min(cfg.BLOCK_M, max(16, triton.next_power_of_2(rows)))
+    return dataclasses.replace(cfg, BLOCK_M=block_m)
 
 
-def wgrad_config(x: torch.Tensor) -> KernelConfig:
+def wgrad_config(x: torch.Tensor, num_experts: int | None = None, hidden: int | None = None,
+                 intermediate: int | None = None, num_assignments: int | None = None
+                 ) -> KernelConfig:
     """Tile config for the K-grouped weight-gradient GEMMs."""
-    if interpreting(x):
-        return INTERPRETER_GEMM
-    return GPU_GEMM_FP32 if x.dtype == torch.float32 else GPU_WGRAD
+    rows = None if num_assignments is None else triton.cdiv(num_assignments, num_experts)
+    return kernel_config("wgrad", x, num_experts or 0, hidden, intermediate, rows)
 
 
 def dot_precision(x: torch.Tensor) -> str:
@@ -167,7 +202,7 @@ def moe_mlp_op(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
         return y
     ids, weights, slots, offsets = _routing_tensors(topk_ids, topk_weights, sorted_slots,
                                                     expert_offsets)
-    cfg = gemm_config(hidden, A, n)
+    cfg = gemm_config(hidden, A, n, H, I)
     chunk = i_chunk(I, H, 1, cfg.BLOCK_N)
     y_acc = y if chunk == I else new_empty((T, H), torch.float32, dev)
     h = new_empty((A, chunk), dt, dev)
@@ -216,10 +251,12 @@ def moe_mlp_backward_op(
     ids, weights, slots, offsets = _routing_tensors(topk_ids, topk_weights, sorted_slots,
                                                     expert_offsets)
     meta = _common_meta(hidden, n, k)
-    cfg, wcfg = gemm_config(hidden, A, n), wgrad_config(hidden)
+    cfg = gemm_config(hidden, A, n, H, I)
+    scfg = gemm_config(hidden, A, n, H, I, op="swiglu_bwd")
+    wcfg = wgrad_config(hidden, n, H, I, A)
     identity = null_kind == "identity"
-    chunk = i_chunk(I, H, 3, cfg.BLOCK_N)
-    num_parts = triton.cdiv(I, cfg.BLOCK_N)
+    chunk = i_chunk(I, H, 3, scfg.BLOCK_N)
+    num_parts = triton.cdiv(I, scfg.BLOCK_N)
     dx_acc = dx if chunk == I else new_empty((T, H), torch.float32, dev)
     dgu = new_empty((A, 2 * chunk), dt, dev)
     h = new_empty((A, chunk) if weight_grads else (1, 1), dt, dev)
@@ -229,14 +266,16 @@ def moe_mlp_backward_op(
     for c0 in range(0, I, chunk):
         cols = min(chunk, I - c0)
         dg, du = dgu[:, :cols], dgu[:, chunk:chunk + cols]
-        swiglu_backward_kernel[(max_row_tiles(A, n, cfg.BLOCK_M), triton.cdiv(cols, cfg.BLOCK_N))](
+        swiglu_backward_kernel[(max_row_tiles(A, n, scfg.BLOCK_M),
+                                triton.cdiv(cols, scfg.BLOCK_N))](
             hidden, dy, gate_up_proj[:, c0:], down_proj[:, :, c0:], weights, slots, offsets,
             dgu, h, dw_partial, H, cols, hidden.stride(0), dy.stride(0),
             gu_s0, gu_s1, gu_s2, I * gu_s1,
             down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
-            dgu.stride(0), chunk, h.stride(0), c0 // cfg.BLOCK_N, num_parts,
-            STORE_H=weight_grads, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-            BLOCK_NE=triton.next_power_of_2(n), **meta, **cfg.launch_options(),
+            dgu.stride(0), chunk, h.stride(0), c0 // scfg.BLOCK_N, num_parts,
+            STORE_H=weight_grads, BLOCK_M=scfg.BLOCK_M, BLOCK_N=scfg.BLOCK_N,
+            BLOCK_K=scfg.BLOCK_K, BLOCK_NE=triton.next_power_of_2(n), **meta,
+            **scfg.launch_options(),
         )
         if weight_grads:
             _launch_weight_grad(dy, h[:, :cols], weights, d_down[:, :, c0:c0 + cols], slots,

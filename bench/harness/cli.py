@@ -36,6 +36,10 @@ def make_parser(description: str) -> argparse.ArgumentParser:
                    help="output folder (default: bench/results/<device-name>/)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per measurement (CPU)")
+    p.add_argument("--cuda-warmup-ms", type=float, default=None,
+                   help="CUDA: warm-up milliseconds per timed callable (default 25)")
+    p.add_argument("--cuda-rep-ms", type=float, default=None,
+                   help="CUDA: milliseconds of timed repetitions per callable (default 100)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch threads. Default: torch's, less the cores other processes keep busy "
                         "(1-minute load average) -- OpenMP threads that wait on a preempted peer make "
@@ -149,6 +153,13 @@ def apply_threads(args, device: torch.device) -> int | None:
             threads = idle
     torch.set_num_threads(threads)
     return threads
+
+
+def apply_timing(args) -> None:
+    """CUDA timing budget from ``--cuda-warmup-ms``/``--cuda-rep-ms`` (``timing.CUDA_BUDGET``)."""
+    from .timing import set_cuda_budget
+
+    set_cuda_budget(getattr(args, "cuda_warmup_ms", None), getattr(args, "cuda_rep_ms", None))
 
 
 def busy_cores_at_start() -> float | None:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import re
 import subprocess
 
 import torch
 
 import adamoe_kernels as ak
 from adamoe_kernels.ops.backend import cpu_extension_available
+from adamoe_kernels.ops.tuning import device_slug
 
 from . import REPO_DIR
 from .cli import CPU_MALLOC_ENV, busy_cores_at_start
 
 
 def slugify(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+    """Folder-safe name; the same slug names a device's tuned-config file (``ops/tuning.py``)."""
+    return device_slug(text)
 
 
 def cpu_model_name() -> str:
@@ -82,7 +83,9 @@ def environment(device: torch.device, dtype: torch.dtype, backend: str) -> dict:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["capability"] = list(torch.cuda.get_device_capability(device))
-        env["timer"] = "triton.testing.do_bench (median)" if env["triton"] else "cuda events (median)"
+        env["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
+        env["timer"] = ("cuda events around each call after an L2 flush, callables interleaved "
+                        "round by round (bench_many), or triton.testing.do_bench (bench_fn); medians")
     else:
         env["cpu_threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
