@@ -5,10 +5,10 @@
 // arranged so the large operand, the expert weight, is read straight from memory once, in its own
 // layout, and only the small operands (the expert's rows of activations) are repacked:
 //
-//   gemm_wxt  C^T [N, Mp] = W [N, K] @ X^T   (forward: W tiles are plain row tiles of W; X^T is
-//                                            packed to VNNI by pack_rows_vnni)
-//   gemm_nn   C [Mp, N]   = A [M, K] @ B [K, N]  (backward dY @ down, dGU @ gate_up: B is the weight,
-//                                            interleaved to VNNI in L2-sized strips on the fly)
+//   gemm_gate_up_swiglu, gemm_wxt_rows
+//             C^T [N, Mp] = W [N, K] @ X^T   (forward: W tiles are plain row tiles of W; X^T is
+//                                            packed to VNNI by pack_rows_vnni; the epilogues
+//                                            run on the fp32 tiles in L1)
 //   gemm_tn   C [M, N]    = A^T @ B, depth K = rows (weight gradients: the small operands are
 //                                            packed, the large bf16 output is written once)
 //
@@ -35,7 +35,7 @@ bool available();
 int64_t padded_rows(int64_t m);
 
 // x [m, k] (row stride ldx) -> xv [round_up(k, 32) / 2][mp][2]: xv[kk][i][p] = x[i][2kk + p], zero
-// for i >= m or 2kk + p >= k. The B operand of gemm_wxt.
+// for i >= m or 2kk + p >= k. The B operand of the forward GEMMs.
 void pack_rows_vnni(const bf16* x, int64_t ldx, int64_t m, int64_t k, int64_t mp, bf16* xv);
 
 // b [k, n] (row stride ldb) -> bv [round_up(k, 32) / 2][np][2]: bv[kk][j][p] = b[2kk + p][j], zero
@@ -46,29 +46,20 @@ void pack_pairs_vnni(const bf16* b, int64_t ldb, int64_t k, int64_t n, int64_t n
 // (kp = round_up(k, 32), mp = round_up(m, 16)). The A operand of gemm_tn.
 void pack_transposed(const bf16* a, int64_t lda, int64_t k, int64_t m, bf16* at);
 
-// a [m, k] (row stride lda) -> ap [mp][kp] zero-padded copy (mp = padded_rows(m), kp =
-// round_up(k, 32)). The A operand of gemm_nn.
-void pack_rows(const bf16* a, int64_t lda, int64_t m, int64_t k, bf16* ap);
+// The gate/up projection of the forward with its SwiGLU epilogue: GU^T = w @ x^T for w = gate_up
+// [2I, k] (row stride ldw; gate rows 0..I-1, up rows I..2I-1) and xv = pack_rows_vnni(x) of the
+// expert's r rows; g and u are rounded to bf16 into gu_blk [2I, r] (the saved pre-activations, as
+// at::mm would round them), and h = silu(g) * u of the rounded values, rounded, is written
+// transposed in VNNI pairs hv [I/2][mp][2]: the B operand of the down projection. Needs
+// I % 32 == 0 and k % 32 == 0 (w's tiles are loaded in place). Threads split the channels.
+void gemm_gate_up_swiglu(const bf16* w, int64_t ldw, int64_t I, int64_t k, const bf16* xv,
+                         int64_t mp, int64_t r, bf16* gu_blk, bf16* hv);
 
-// ct [n, mp] (row stride ldc, fp32) = w [n, k] (row stride ldw) @ x^T with xv = pack_rows_vnni(x).
-// Needs n % 32 == 0 and k % 32 == 0 (w's tiles are loaded in place). Threads split the rows of w.
-void gemm_wxt(const bf16* w, int64_t ldw, int64_t n, int64_t k, const bf16* xv, int64_t mp,
-              float* ct, int64_t ldc);
-
-// The SwiGLU epilogue of the forward, in AMX layouts: from ct = GU^T [2I, mp] (fp32, row stride mp)
-// rounds g = rows 0..I-1 and u = rows I..2I-1 to bf16 into gu_blk [2I, r] (the first r columns),
-// computes h = silu(g) * u from the rounded values, rounds it, and writes hv = h^T in VNNI pairs
-// [I/2][mp][2] (the B operand of the down projection). I even.
-void swiglu_to_vnni(const float* ct, int64_t mp, int64_t I, int64_t r, bf16* gu_blk, bf16* hv);
-
-// o [r, n] (row stride ldo) = ct^T rounded to bf16, for ct = C^T [n, mp] (fp32, row stride mp).
-void store_transposed_bf16(const float* ct, int64_t mp, int64_t n, int64_t r, bf16* o,
-                           int64_t ldo);
-
-// c [mp, round_up(n, 64)] (row stride ldc >= round_up(n, 64), fp32) = a @ b for ap = pack_rows(a)
-// [mp][round_up(k, 32)] and b [k, n] (row stride ldb; any k, n). Threads split the columns of b.
-void gemm_nn(const bf16* ap, int64_t mp, int64_t k, const bf16* b, int64_t ldb, int64_t n,
-             float* c, int64_t ldc);
+// o [r, n] (row stride ldo, bf16) = (w [n, k] @ x^T)^T rounded from fp32, for xv =
+// pack_rows_vnni(x) of r rows (the down projection: x = h). Needs n % 32 == 0 and k % 32 == 0.
+// Threads split the rows of w.
+void gemm_wxt_rows(const bf16* w, int64_t ldw, int64_t n, int64_t k, const bf16* xv, int64_t mp,
+                   int64_t r, bf16* o, int64_t ldo);
 
 // c [m, n] (row stride ldc, bf16, overwritten) = a^T @ b over depth k, rounded from fp32, for
 // at = pack_transposed(a) [round_up(m, 16)][round_up(k, 32)] and bv = pack_pairs_vnni(b) with

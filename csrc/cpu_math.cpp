@@ -24,6 +24,8 @@
 // they are compiled with AVX512_BF16, BW and VL enabled. Only the bf16 policies use BF16; the fp32
 // instantiations run where has_avx512() holds (which requires BW and VL too).
 #define ADAMOE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// bf16 moves without bf16 arithmetic: has_avx512() includes BW and VL.
+#define ADAMOE_AVX512_BW __attribute__((target("avx512f,avx512bw,avx512vl")))
 #else
 #define ADAMOE_X86_AVX512 0
 #endif
@@ -518,6 +520,51 @@ ADAMOE_AVX512 void gemm_tn_avx512(const float* A, int64_t lda, const float* B, i
   });
 }
 
+// The bits of bf16 rows <-> fp32 (bf16 -> fp32 exact; fp32 -> bf16 rounds to nearest even).
+ADAMOE_AVX512_BW void bf16_to_float_avx512(const c10::BFloat16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, simd::from_bf16(_mm256_maskz_loadu_epi16(m, src + i)));
+  }
+}
+
+ADAMOE_AVX512_BF16 void float_to_bf16_avx512(const float* src, c10::BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm256_mask_storeu_epi16(dst + i, m, simd::to_bf16(_mm512_maskz_loadu_ps(m, src + i)));
+  }
+}
+
+// Blocks of 16 rows x 16 values, loaded as 16 floats, transposed in registers and stored as 16 fp32
+// rows (masked at the edges).
+template <typename T>
+ADAMOE_AVX512_BW inline __m512 load_as_float(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {
+    return simd::from_bf16(_mm256_maskz_loadu_epi16(m, p));
+  }
+}
+
+template <typename T>
+ADAMOE_AVX512_BW void transpose_to_float_avx512(const T* src, int64_t lds, int64_t rows,
+                                                int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t c0 = 0; c0 < rows; c0 += 16) {
+    const int64_t nc = std::min<int64_t>(16, rows - c0);
+    for (int64_t i0 = 0; i0 < cols; i0 += 16) {
+      const int64_t ni = std::min<int64_t>(16, cols - i0);
+      __m512 v[16];
+      for (int64_t c = 0; c < 16; ++c) {
+        v[c] = c < nc ? load_as_float(src + (c0 + c) * lds + i0, tail_mask(ni)) : _mm512_setzero_ps();
+      }
+      simd::transpose16x16(v);
+      for (int64_t i = 0; i < ni; ++i) {
+        _mm512_mask_storeu_ps(dst + (i0 + i) * ldd + c0, tail_mask(nc), v[i]);
+      }
+    }
+  }
+}
+
 #endif  // ADAMOE_X86_AVX512
 
 }  // namespace
@@ -635,6 +682,40 @@ void gemm_nt_small_m(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B
   if (has_avx512_bf16()) return gemm_nt_avx512<NtBf16>(A, lda, B, ldb, C, ldc, M, N, K);
 #endif
   TORCH_CHECK(false, "the bf16 gemm_nt_small_m needs AVX512_BF16 (check has_avx512_bf16() first)");
+}
+
+void convert(const c10::BFloat16* src, float* dst, int64_t n) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) return bf16_to_float_avx512(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+void convert(const float* src, c10::BFloat16* dst, int64_t n) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512_bf16()) return float_to_bf16_avx512(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<c10::BFloat16>(src[i]);
+}
+
+void transpose_to_float(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                        int64_t ldd) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) {
+    return transpose_to_float_avx512(src, lds, rows, cols, dst, ldd);
+  }
+#endif
+  transpose_to_float<float>(src, lds, rows, cols, dst, ldd);
+}
+
+void transpose_to_float(const c10::BFloat16* src, int64_t lds, int64_t rows, int64_t cols,
+                        float* dst, int64_t ldd) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512()) {
+    return transpose_to_float_avx512(src, lds, rows, cols, dst, ldd);
+  }
+#endif
+  transpose_to_float<c10::BFloat16>(src, lds, rows, cols, dst, ldd);
 }
 
 }  // namespace cpu_math

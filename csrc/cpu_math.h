@@ -39,6 +39,24 @@ inline void convert(const float* src, T* dst, int64_t n) {
 inline void convert(const float* src, float* dst, int64_t n) {
   if (src != dst && n > 0) std::memcpy(dst, src, n * sizeof(float));
 }
+// bf16 <-> fp32 rows: AVX-512 versions where the CPU has them (fp32 -> bf16 needs AVX512_BF16),
+// the same values as the scalar conversions above (round to nearest even).
+void convert(const c10::BFloat16* src, float* dst, int64_t n);
+void convert(const float* src, c10::BFloat16* dst, int64_t n);
+
+// dst[i * ldd + c] = float(src[c * lds + i]) for c < rows, i < cols: a block of `rows` rows of
+// `cols` values each (row stride lds) transposed into fp32 rows (row stride ldd).
+template <typename T>
+inline void transpose_to_float(const T* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                               int64_t ldd) {
+  for (int64_t c = 0; c < rows; ++c) {
+    for (int64_t i = 0; i < cols; ++i) dst[i * ldd + c] = to_float(src[c * lds + i]);
+  }
+}
+void transpose_to_float(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                        int64_t ldd);
+void transpose_to_float(const c10::BFloat16* src, int64_t lds, int64_t rows, int64_t cols,
+                        float* dst, int64_t ldd);
 
 // True when the AVX-512 versions run on this CPU (and ADAMOE_CPU_PORTABLE is not set).
 bool has_avx512();

@@ -87,9 +87,13 @@ constexpr int64_t kSmallGemmMaxRowsNN = 512;  // not Intel: faster than MKL to 2
 // I=2816, AMD EPYC: 1.1-1.7x on one thread, up to 2.4x on two; not yet measured on an Intel CPU);
 // far above that a packed GEMM should win, so MKL takes over.
 constexpr int64_t kSmallGemmMaxRowsW = 1024;
-// Largest expert row count for which the bf16 GEMMs use the AMX kernels (amx_gemm.h) on CPUs that
-// have AMX-BF16 (Intel Xeon since Sapphire Rapids), instead of oneDNN's AMX GEMMs.
-constexpr int64_t kAmxMaxRows = int64_t{1} << 40;
+// On CPUs with AMX-BF16 (Intel Xeon since Sapphire Rapids) the bf16 forward GEMMs always run on the
+// own AMX kernels (amx_gemm.h; vs oneDNN's AMX GEMMs on a 2-core Xeon, H=512, I=1408: gate_up with
+// its fused SwiGLU 1.3-1.7x faster, down 1.5-3x, 16-512 rows per expert), and the weight gradients
+// up to kAmxMaxRowsGrad rows (1.2-1.7x faster at 16-256 rows, a tie or slower at 512). The
+// backward's dy @ down and d gate_up @ gate_up stay on oneDNN: an own AMX version (the weight
+// interleaved to VNNI pairs on the fly) was no faster at any row count.
+constexpr int64_t kAmxMaxRowsGrad = 256;
 // Rows x columns of one tile of the transposed-layout backward elementwise pass.
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileCols = 256;
@@ -150,24 +154,23 @@ void round_rows_to_bf16(const float* acc, int64_t lda, int64_t r, int64_t N, c10
 
 constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// True when the bf16 forward GEMMs of an expert with `rows` rows run on the AMX kernels: the
-// weights' tiles are loaded in place, so H and I must be multiples of 32.
-bool amx_forward(at::ScalarType dtype, int64_t H, int64_t I, int64_t rows) {
-  return dtype == at::kBFloat16 && rows <= kAmxMaxRows && H % 32 == 0 && I % 32 == 0 &&
-         amx::available();
+// True when the bf16 forward GEMMs of an expert run on the AMX kernels: the weights' tiles are
+// loaded in place, so H and I must be multiples of 32.
+bool amx_forward(at::ScalarType dtype, int64_t H, int64_t I) {
+  return dtype == at::kBFloat16 && H % 32 == 0 && I % 32 == 0 && amx::available();
 }
 
-// True when a bf16 backward GEMM with `rows` rows per expert runs on the AMX kernels (any shape:
-// every operand they read by tiles is packed first).
-bool amx_backward(at::ScalarType dtype, int64_t rows) {
-  return dtype == at::kBFloat16 && rows <= kAmxMaxRows && amx::available();
+// True when the bf16 weight gradients of an expert with `rows` rows run on the AMX kernels (any
+// shape: every operand they read by tiles is packed first).
+bool amx_weight_grads(at::ScalarType dtype, int64_t rows) {
+  return dtype == at::kBFloat16 && rows <= kAmxMaxRowsGrad && amx::available();
 }
 
 // True when expert blocks of GU are stored transposed ([2I, r], the at::mm layout) instead of
 // row-major ([r, 2I], the small-M kernels'); decided by dtype and row count only, so the forward
 // and the backward always agree.
 bool gu_transposed(at::ScalarType dtype, int64_t H, int64_t I, int64_t rows) {
-  return amx_forward(dtype, H, I, rows) || !small_forward(dtype, rows);
+  return amx_forward(dtype, H, I) || !small_forward(dtype, rows);
 }
 
 // Large outputs are written once, in full, right after allocation: on Linux ask for transparent
@@ -191,23 +194,16 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// out = a @ b for row-major a [r, K], b [K, N] (contiguous rows): the own kernels when they are
-// the faster ones (bf16 on AMX; fp32 under `max_rows`; bf16 under the bf16 NN limit), their fp32
-// results rounded to bf16 through `scratch` as at::mm rounds; else at::mm_out.
+// out = a @ b for row-major a [r, K], b [K, N] (contiguous rows): the own small-M kernels when they
+// are the faster ones (fp32 under `max_rows`; bf16 under the bf16 NN limit, their fp32 results
+// rounded to bf16 through `scratch` as at::mm rounds), else at::mm_out.
 void mm_nn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t max_rows,
            Scratch& scratch) {
   using bf16 = c10::BFloat16;
   const int64_t r = a.size(0), N = b.size(1), K = a.size(1);
   const bool rows_ok = a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
   const int64_t bf16_rows = row_limit(kSmallGemmMaxRowsBf16, kSmallGemmMaxRowsBf16NN);
-  if (rows_ok && amx_backward(a.scalar_type(), r)) {
-    const int64_t mp = amx::padded_rows(r), ldc = round_up(N, 64);
-    bf16* ap = scratch.bf16s(0, mp * round_up(K, 32));
-    amx::pack_rows(a.data_ptr<bf16>(), a.stride(0), r, K, ap);
-    float* acc = scratch.floats(mp * ldc);
-    amx::gemm_nn(ap, mp, K, b.data_ptr<bf16>(), b.stride(0), N, acc, ldc);
-    round_rows_to_bf16(acc, ldc, r, N, out.data_ptr<bf16>(), out.stride(0));
-  } else if (rows_ok && small_gemm(a.scalar_type(), r, max_rows)) {
+  if (rows_ok && small_gemm(a.scalar_type(), r, max_rows)) {
     cpu_math::gemm_nn_small_m(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
                               out.data_ptr<float>(), out.stride(0), r, N, K);
   } else if (rows_ok && small_gemm_bf16(a.scalar_type(), r, bf16_rows)) {
@@ -228,7 +224,7 @@ void mm_tn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t ma
   using bf16 = c10::BFloat16;
   const int64_t r = a.size(0), M = a.size(1), N = b.size(1);
   const bool rows_ok = a.stride(1) == 1 && b.stride(1) == 1 && out.is_contiguous();
-  if (rows_ok && amx_backward(a.scalar_type(), r)) {
+  if (rows_ok && amx_weight_grads(a.scalar_type(), r)) {
     const int64_t kp = round_up(r, 32), np = round_up(N, 32);
     bf16* at = scratch.bf16s(0, round_up(M, 16) * kp);
     bf16* bv = scratch.bf16s(1, kp * np);
@@ -404,30 +400,23 @@ void combine_forward(const Groups& g, NullKind null_kind, const scalar_t* O, con
   });
 }
 
-// bf16 forward of one expert on AMX. GU^T = W_gu @ Xe^T and O^T = W_down @ h^T come out of the
-// tiles in fp32; GU is rounded to bf16 into its transposed block gu_blk [2I, r] (as at::mm would
-// round it), h = silu(g) * u is computed from the rounded g, u, rounded, and packed straight into
-// the B operand of the down projection; O is rounded into its rows o [r, H].
+// bf16 forward of one expert on AMX: GU^T = W_gu @ Xe^T with the SwiGLU epilogue (GU rounded into
+// its transposed block gu_blk [2I, r], h packed as the next B operand), then O = (W_down @ h^T)^T
+// rounded into its rows o [r, H]; the fp32 tiles never leave L1.
 void expert_forward_amx(const c10::BFloat16* xe, const c10::BFloat16* w_gu,
                         const c10::BFloat16* w_down, c10::BFloat16* gu_blk, c10::BFloat16* o,
                         int64_t r, int64_t H, int64_t I, Scratch& scratch) {
   using bf16 = c10::BFloat16;
   const int64_t mp = amx::padded_rows(r);
-  float* ct = scratch.floats(std::max(2 * I, H) * mp);
   bf16* hv = scratch.bf16s(1, I * mp);  // [I/2][mp][2]
   {
-    ADAMOE_SCOPE("fwd_gate_up");
+    ADAMOE_SCOPE("fwd_gate_up");  // with the SwiGLU epilogue
     bf16* xv = scratch.bf16s(0, H * mp);
     amx::pack_rows_vnni(xe, H, r, H, mp, xv);
-    amx::gemm_wxt(w_gu, H, 2 * I, H, xv, mp, ct, mp);  // GU^T [2I, mp]
-  }
-  {
-    ADAMOE_SCOPE("fwd_swiglu");
-    amx::swiglu_to_vnni(ct, mp, I, r, gu_blk, hv);
+    amx::gemm_gate_up_swiglu(w_gu, H, I, H, xv, mp, r, gu_blk, hv);
   }
   ADAMOE_SCOPE("fwd_down");
-  amx::gemm_wxt(w_down, I, H, I, hv, mp, ct, mp);  // O^T [H, mp]
-  amx::store_transposed_bf16(ct, mp, H, r, o, H);
+  amx::gemm_wxt_rows(w_down, I, H, I, hv, mp, r, o, H);
 }
 
 // Forward of one expert: rows Xe [r, H] -> gu block (saved), O rows [r, H].
@@ -437,7 +426,7 @@ void expert_forward(const at::Tensor& Xe, const at::Tensor& w_gu, const at::Tens
                     Scratch& scratch) {
   const int64_t H = Xe.size(1), I = w_down.size(1);
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (amx_forward(Xe.scalar_type(), H, I, r)) {
+    if (amx_forward(Xe.scalar_type(), H, I)) {
       expert_forward_amx(Xe.data_ptr<scalar_t>(), w_gu.data_ptr<scalar_t>(),
                          w_down.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>() + row0 * 2 * I,
                          O.data_ptr<scalar_t>() + row0 * H, r, H, I, scratch);
@@ -606,14 +595,8 @@ void silu_mul_backward_expert(const scalar_t* gu, bool transposed, const scalar_
       const int64_t rb = tile / n_cb, cb = tile % n_cb;
       const int64_t r0 = rb * kTileRows, nr = std::min(kTileRows, r - r0);
       const int64_t c0 = cb * kTileCols, nc = std::min(kTileCols, I - c0);
-      for (int64_t c = 0; c < nc; ++c) {
-        const scalar_t* grow = gu + (c0 + c) * r + r0;
-        const scalar_t* urow = gu + (I + c0 + c) * r + r0;
-        for (int64_t i = 0; i < nr; ++i) {
-          gt[i * kTileCols + c] = to_float(grow[i]);
-          ut[i * kTileCols + c] = to_float(urow[i]);
-        }
-      }
+      cpu_math::transpose_to_float(gu + c0 * r + r0, r, nc, nr, gt.data(), kTileCols);
+      cpu_math::transpose_to_float(gu + (I + c0) * r + r0, r, nc, nr, ut.data(), kTileCols);
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = r0 + i;
         cpu_math::convert(G + row * I + c0, Gf, nc);
