@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -249,83 +250,125 @@ void pack_transposed(const bf16* a, int64_t lda, int64_t k, int64_t m, bf16* at)
   }
 }
 
-void gemm_gate_up_swiglu(const bf16* w, int64_t ldw, int64_t I, int64_t k, const bf16* xv,
-                         int64_t mp, int64_t r, bf16* gu_blk, bf16* hv) {
-  RECORD_FUNCTION("adamoe_cpu::amx_gemm_gate_up", std::vector<c10::IValue>());
-  TORCH_CHECK(I % 32 == 0 && k % 32 == 0 && mp == padded_rows(mp),
-              "amx::gemm_gate_up_swiglu: bad shape I=", I, " k=", k, " mp=", mp);
-  // Tile groups alternate gate and up rows of the same 16 channels, so each block's epilogue has
-  // g and u side by side: one block = 32 channels with one m-tile, 16 with more.
-  const int64_t chans = mp == 16 ? 32 : 16;
+namespace {
+
+// One block of the gate/up GEMM of expert x: channels c0..c0 + chans (gate and up rows), then its
+// SwiGLU epilogue on the L1 tiles.
+void gate_up_block(const ExpertOperands& x, int64_t H, int64_t I, int64_t c0, int64_t chans) {
+  const bf16* w = x.w_gate_up;
+  const int64_t r = x.rows, mp = padded_rows(r);
   const auto row_of = [&](int64_t group_row) {  // group_row = 32 * c + 16 * (0: gate, 1: up)
     const int64_t c = group_row / 32 * 16, up = (group_row / 16) % 2;
-    return w + (up * I + c) * ldw;
+    return w + (up * I + c) * H;
   };
-  at::parallel_for(0, I / chans, 1, [&](int64_t b0, int64_t b1) {
-    TileScope tiles_on;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c0 = b * chans;
-      wxt_task(2 * c0, 2 * chans, row_of, ldw, k, xv, mp,
-               [&](int nb, int mb, int64_t m0, float (*tiles)[256]) {
-        // tiles: (gate, up) pairs per 16 channels: with mb == 2 the two m-tiles of one pair.
-        for (int t = 0; t < nb * mb / 2; ++t) {
-          const int64_t ch = c0 + (mb == 2 ? 0 : 16 * t), m = m0 + (mb == 2 ? 16 * t : 0);
-          const float* g_tile = tiles[mb == 2 ? t : 2 * t];
-          const float* u_tile = tiles[mb == 2 ? 2 + t : 2 * t + 1];
-          const __mmask16 keep = static_cast<__mmask16>(
-              r - m >= 16 ? 0xFFFF : (r > m ? (1u << (r - m)) - 1u : 0u));
-          for (int j = 0; j < 16; j += 2) {
-            __m256i h[2];
-            for (int half = 0; half < 2; ++half) {
-              const int64_t i = ch + j + half;
-              const __m256i g = simd::to_bf16(_mm512_load_ps(g_tile + 16 * (j + half)));
-              const __m256i u = simd::to_bf16(_mm512_load_ps(u_tile + 16 * (j + half)));
-              _mm256_mask_storeu_epi16(gu_blk + i * r + m, keep, g);
-              _mm256_mask_storeu_epi16(gu_blk + (I + i) * r + m, keep, u);
-              h[half] = simd::to_bf16(simd::silu_mul512(simd::from_bf16(g), simd::from_bf16(u)));
-            }
-            __m512i lo, hi;
-            interleave_pairs(_mm512_castsi256_si512(h[0]), _mm512_castsi256_si512(h[1]), &lo,
-                             &hi);
-            _mm512_storeu_si512(hv + ((ch + j) / 2 * mp + m) * 2, lo);
-          }
+  wxt_task(2 * c0, 2 * chans, row_of, H, H, x.xv, mp,
+           [&](int nb, int mb, int64_t m0, float (*tiles)[256]) {
+    // tiles: (gate, up) pairs per 16 channels: with mb == 2 the two m-tiles of one pair.
+    for (int t = 0; t < nb * mb / 2; ++t) {
+      const int64_t ch = c0 + (mb == 2 ? 0 : 16 * t), m = m0 + (mb == 2 ? 16 * t : 0);
+      const float* g_tile = tiles[mb == 2 ? t : 2 * t];
+      const float* u_tile = tiles[mb == 2 ? 2 + t : 2 * t + 1];
+      const __mmask16 keep = static_cast<__mmask16>(
+          r - m >= 16 ? 0xFFFF : (r > m ? (1u << (r - m)) - 1u : 0u));
+      for (int j = 0; j < 16; j += 2) {
+        __m256i h[2];
+        for (int half = 0; half < 2; ++half) {
+          const int64_t i = ch + j + half;
+          const __m256i g = simd::to_bf16(_mm512_load_ps(g_tile + 16 * (j + half)));
+          const __m256i u = simd::to_bf16(_mm512_load_ps(u_tile + 16 * (j + half)));
+          _mm256_mask_storeu_epi16(x.gu + i * r + m, keep, g);
+          _mm256_mask_storeu_epi16(x.gu + (I + i) * r + m, keep, u);
+          h[half] = simd::to_bf16(simd::silu_mul512(simd::from_bf16(g), simd::from_bf16(u)));
         }
-      });
+        __m512i lo, hi;
+        interleave_pairs(_mm512_castsi256_si512(h[0]), _mm512_castsi256_si512(h[1]), &lo, &hi);
+        _mm512_storeu_si512(x.hv + ((ch + j) / 2 * mp + m) * 2, lo);
+      }
     }
   });
 }
 
-void gemm_wxt_rows(const bf16* w, int64_t ldw, int64_t n, int64_t k, const bf16* xv, int64_t mp,
-                   int64_t r, bf16* o, int64_t ldo) {
-  RECORD_FUNCTION("adamoe_cpu::amx_gemm_wxt", std::vector<c10::IValue>());
-  TORCH_CHECK(n % 32 == 0 && k % 32 == 0 && mp == padded_rows(mp),
-              "amx::gemm_wxt_rows: bad shape n=", n, " k=", k, " mp=", mp);
-  const int64_t block_rows = mp == 16 ? 64 : 32;
-  const auto row_of = [&](int64_t row) { return w + row * ldw; };
-  at::parallel_for(0, (n + block_rows - 1) / block_rows, 1, [&](int64_t b0, int64_t b1) {
-    TileScope tiles_on;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * block_rows;
-      wxt_task(n0, std::min(block_rows, n - n0), row_of, ldw, k, xv, mp,
-               [&](int nb, int mb, int64_t m0, float (*tiles)[256]) {
-        // Tile (g, j) holds C^T rows n0 + 16 g, columns (rows of x) m0 + 16 j: transposed, each
-        // of its columns is 16 consecutive entries of an output row.
-        for (int g = 0; g < nb; ++g) {
-          for (int j = 0; j < mb; ++j) {
-            const int64_t m = m0 + 16 * j;
-            if (m >= r) continue;
-            __m512 v[16];
-            for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(tiles[g * mb + j] + 16 * i);
-            simd::transpose16x16(v);
-            for (int64_t i = 0; i < std::min<int64_t>(16, r - m); ++i) {
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (m + i) * ldo + n0 + 16 * g),
-                                  simd::to_bf16(v[i]));
-            }
-          }
+// One block of the down GEMM of expert x: output columns n0..n0 + ncols, written to its rows.
+void down_block(const ExpertOperands& x, int64_t H, int64_t I, int64_t n0, int64_t ncols) {
+  const int64_t r = x.rows, mp = padded_rows(r);
+  const auto row_of = [&](int64_t row) { return x.w_down + row * I; };
+  wxt_task(n0, ncols, row_of, I, I, x.hv, mp, [&](int nb, int mb, int64_t m0, float (*tiles)[256]) {
+    // Tile (g, j) holds C^T rows n0 + 16 g, columns (rows of x) m0 + 16 j: transposed, each of
+    // its columns is 16 consecutive entries of an output row.
+    for (int g = 0; g < nb; ++g) {
+      for (int j = 0; j < mb; ++j) {
+        const int64_t m = m0 + 16 * j;
+        if (m >= r) continue;
+        __m512 v[16];
+        for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(tiles[g * mb + j] + 16 * i);
+        simd::transpose16x16(v);
+        for (int64_t i = 0; i < std::min<int64_t>(16, r - m); ++i) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(x.out + (m + i) * H + n0 + 16 * g),
+                              simd::to_bf16(v[i]));
         }
-      });
+      }
     }
   });
+}
+
+// The blocks of every expert as one list of work items (expert, first output, width), split into
+// one contiguous run of about equal cost per thread: a single parallel region for all experts.
+// Cost of a block: its weight bytes (the same for every block) plus its rows of compute.
+template <typename Block>
+void run_blocks(const ExpertOperands* experts, int64_t count, int64_t extent,
+                int64_t (*block_of)(int64_t mp), Block&& block) {
+  struct Item {
+    int64_t expert, start, width;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> prefix{0};
+  for (int64_t e = 0; e < count; ++e) {
+    if (experts[e].rows == 0) continue;
+    const int64_t mp = padded_rows(experts[e].rows), width = block_of(mp);
+    for (int64_t s = 0; s < extent; s += width) {
+      items.push_back({e, s, std::min(width, extent - s)});
+      prefix.push_back(prefix.back() + width * (64 + mp));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (n == 0) return;
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), n), total = prefix.back();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    TileScope tiles_on;
+    for (int64_t p = p0; p < p1; ++p) {
+      // Item i runs in the part where its cost prefix starts.
+      const auto first = [&](int64_t q) {
+        return std::lower_bound(prefix.begin(), prefix.end() - 1, total * q / parts) -
+               prefix.begin();
+      };
+      for (int64_t i = first(p), i1 = first(p + 1); i < i1; ++i) {
+        block(experts[items[i].expert], items[i].start, items[i].width);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void grouped_gate_up_swiglu(const ExpertOperands* experts, int64_t count, int64_t H, int64_t I) {
+  RECORD_FUNCTION("adamoe_cpu::amx_gemm_gate_up", std::vector<c10::IValue>());
+  TORCH_CHECK(I % 32 == 0 && H % 32 == 0, "amx::grouped_gate_up_swiglu: bad shape H=", H,
+              " I=", I);
+  // Tile groups alternate gate and up rows of the same 16 channels, so each block's epilogue has
+  // g and u side by side: one block = 32 channels with one m-tile, 16 with more.
+  run_blocks(experts, count, I, [](int64_t mp) -> int64_t { return mp == 16 ? 32 : 16; },
+             [&](const ExpertOperands& x, int64_t c0, int64_t chans) {
+               gate_up_block(x, H, I, c0, chans);
+             });
+}
+
+void grouped_down(const ExpertOperands* experts, int64_t count, int64_t H, int64_t I) {
+  RECORD_FUNCTION("adamoe_cpu::amx_gemm_wxt", std::vector<c10::IValue>());
+  TORCH_CHECK(I % 32 == 0 && H % 32 == 0, "amx::grouped_down: bad shape H=", H, " I=", I);
+  run_blocks(experts, count, H, [](int64_t mp) -> int64_t { return mp == 16 ? 64 : 32; },
+             [&](const ExpertOperands& x, int64_t n0, int64_t ncols) {
+               down_block(x, H, I, n0, ncols);
+             });
 }
 
 void gemm_tn(const bf16* at, int64_t m, int64_t k, const bf16* bv, int64_t n, bf16* c,
@@ -372,12 +415,10 @@ void pack_rows_vnni(const bf16*, int64_t, int64_t, int64_t, int64_t, bf16*) {
 void pack_transposed(const bf16*, int64_t, int64_t, int64_t, bf16*) {
   TORCH_CHECK(false, "AMX kernels are not built in (check amx::available() first)");
 }
-void gemm_gate_up_swiglu(const bf16*, int64_t, int64_t, int64_t, const bf16*, int64_t, int64_t,
-                         bf16*, bf16*) {
+void grouped_gate_up_swiglu(const ExpertOperands*, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "AMX kernels are not built in (check amx::available() first)");
 }
-void gemm_wxt_rows(const bf16*, int64_t, int64_t, int64_t, const bf16*, int64_t, int64_t, bf16*,
-                   int64_t) {
+void grouped_down(const ExpertOperands*, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "AMX kernels are not built in (check amx::available() first)");
 }
 void gemm_tn(const bf16*, int64_t, int64_t, const bf16*, int64_t, bf16*, int64_t) {

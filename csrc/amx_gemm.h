@@ -5,10 +5,11 @@
 // arranged so the large operand, the expert weight, is read straight from memory once, in its own
 // layout, and only the small operands (the expert's rows of activations) are repacked:
 //
-//   gemm_gate_up_swiglu, gemm_wxt_rows
+//   grouped_gate_up_swiglu, grouped_down
 //             C^T [N, Mp] = W [N, K] @ X^T   (forward: W tiles are plain row tiles of W; X^T is
 //                                            packed to VNNI by pack_rows_vnni; the epilogues
-//                                            run on the fp32 tiles in L1)
+//                                            run on the fp32 tiles in L1; all experts' blocks
+//                                            in one parallel region)
 //   gemm_tn   C [M, N]    = A^T @ B, depth K = rows (weight gradients: the small operands are
 //                                            packed, the large bf16 output is written once)
 //
@@ -46,20 +47,28 @@ void pack_pairs_vnni(const bf16* b, int64_t ldb, int64_t k, int64_t n, int64_t n
 // (kp = round_up(k, 32), mp = round_up(m, 16)). The A operand of gemm_tn.
 void pack_transposed(const bf16* a, int64_t lda, int64_t k, int64_t m, bf16* at);
 
-// The gate/up projection of the forward with its SwiGLU epilogue: GU^T = w @ x^T for w = gate_up
-// [2I, k] (row stride ldw; gate rows 0..I-1, up rows I..2I-1) and xv = pack_rows_vnni(x) of the
-// expert's r rows; g and u are rounded to bf16 into gu_blk [2I, r] (the saved pre-activations, as
-// at::mm would round them), and h = silu(g) * u of the rounded values, rounded, is written
-// transposed in VNNI pairs hv [I/2][mp][2]: the B operand of the down projection. Needs
-// I % 32 == 0 and k % 32 == 0 (w's tiles are loaded in place). Threads split the channels.
-void gemm_gate_up_swiglu(const bf16* w, int64_t ldw, int64_t I, int64_t k, const bf16* xv,
-                         int64_t mp, int64_t r, bf16* gu_blk, bf16* hv);
+// One expert's operands of the grouped forward GEMMs (its `rows` rows of the batch, mp =
+// padded_rows(rows)).
+struct ExpertOperands {
+  const bf16* w_gate_up;  // [2I, H]: gate rows 0..I-1, up rows I..2I-1
+  const bf16* w_down;     // [H, I]
+  const bf16* xv;         // pack_rows_vnni of its rows of x: [H/2][mp][2]
+  bf16* hv;               // out of the gate/up GEMM, in of the down GEMM: [I/2][mp][2]
+  bf16* gu;               // the saved pre-activations, transposed: [2I, rows]
+  bf16* out;              // its rows of the expert output: [rows, H]
+  int64_t rows;
+};
 
-// o [r, n] (row stride ldo, bf16) = (w [n, k] @ x^T)^T rounded from fp32, for xv =
-// pack_rows_vnni(x) of r rows (the down projection: x = h). Needs n % 32 == 0 and k % 32 == 0.
-// Threads split the rows of w.
-void gemm_wxt_rows(const bf16* w, int64_t ldw, int64_t n, int64_t k, const bf16* xv, int64_t mp,
-                   int64_t r, bf16* o, int64_t ldo);
+// The gate/up projection with its SwiGLU epilogue for every expert, in one parallel region:
+// GU^T = w_gate_up @ x^T, g and u rounded to bf16 into gu (as at::mm would round them), and
+// h = silu(g) * u of the rounded values, rounded, written transposed in VNNI pairs to hv: the B
+// operand of the down projection. Needs H % 32 == 0 and I % 32 == 0 (the weights' tiles are
+// loaded in place). Experts with no rows are skipped.
+void grouped_gate_up_swiglu(const ExpertOperands* experts, int64_t count, int64_t H, int64_t I);
+
+// The down projection for every expert, in one parallel region: out = (w_down @ h^T)^T rounded
+// from fp32 to bf16 rows. Same shape rules.
+void grouped_down(const ExpertOperands* experts, int64_t count, int64_t H, int64_t I);
 
 // c [m, n] (row stride ldc, bf16, overwritten) = a^T @ b over depth k, rounded from fp32, for
 // at = pack_transposed(a) [round_up(m, 16)][round_up(k, 32)] and bv = pack_pairs_vnni(b) with

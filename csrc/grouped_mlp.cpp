@@ -400,23 +400,40 @@ void combine_forward(const Groups& g, NullKind null_kind, const scalar_t* O, con
   });
 }
 
-// bf16 forward of one expert on AMX: GU^T = W_gu @ Xe^T with the SwiGLU epilogue (GU rounded into
-// its transposed block gu_blk [2I, r], h packed as the next B operand), then O = (W_down @ h^T)^T
-// rounded into its rows o [r, H]; the fp32 tiles never leave L1.
-void expert_forward_amx(const c10::BFloat16* xe, const c10::BFloat16* w_gu,
-                        const c10::BFloat16* w_down, c10::BFloat16* gu_blk, c10::BFloat16* o,
-                        int64_t r, int64_t H, int64_t I, Scratch& scratch) {
+// The bf16 forward of every expert on AMX: each expert's rows of X packed as the B operand, then
+// gate_up with its SwiGLU epilogue and down, each one parallel region over all experts' blocks
+// (amx_gemm.h). GU goes into its transposed blocks, O into its compact rows.
+void forward_amx(const Groups& g, const at::Tensor& X, const at::Tensor& gate_up,
+                 const at::Tensor& down, at::Tensor& gu, at::Tensor& O, Scratch& scratch) {
   using bf16 = c10::BFloat16;
-  const int64_t mp = amx::padded_rows(r);
-  bf16* hv = scratch.bf16s(1, I * mp);  // [I/2][mp][2]
+  const int64_t H = g.H, I = g.I, n = g.n;
+  std::vector<int64_t> xv_off(n + 1, 0), hv_off(n + 1, 0);
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t r = g.off[e + 1] - g.off[e], mp = r ? amx::padded_rows(r) : 0;
+    xv_off[e + 1] = xv_off[e] + H * mp;
+    hv_off[e + 1] = hv_off[e] + I * mp;
+  }
+  bf16* xv = scratch.bf16s(0, xv_off[n]);
+  bf16* hv = scratch.bf16s(1, hv_off[n]);
+  std::vector<amx::ExpertOperands> experts(n);
+  for (int64_t e = 0; e < n; ++e) {
+    experts[e] = {gate_up[e].data_ptr<bf16>(), down[e].data_ptr<bf16>(), xv + xv_off[e],
+                  hv + hv_off[e], gu.data_ptr<bf16>() + g.off[e] * 2 * I,
+                  O.data_ptr<bf16>() + g.off[e] * H, g.off[e + 1] - g.off[e]};
+  }
   {
     ADAMOE_SCOPE("fwd_gate_up");  // with the SwiGLU epilogue
-    bf16* xv = scratch.bf16s(0, H * mp);
-    amx::pack_rows_vnni(xe, H, r, H, mp, xv);
-    amx::gemm_gate_up_swiglu(w_gu, H, I, H, xv, mp, r, gu_blk, hv);
+    const bf16* x = X.data_ptr<bf16>();
+    at::parallel_for(0, n, 1, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t r = experts[e].rows;
+        if (r) amx::pack_rows_vnni(x + g.off[e] * H, H, r, H, amx::padded_rows(r), xv + xv_off[e]);
+      }
+    });
+    amx::grouped_gate_up_swiglu(experts.data(), n, H, I);
   }
   ADAMOE_SCOPE("fwd_down");
-  amx::gemm_wxt_rows(w_down, I, H, I, hv, mp, r, o, H);
+  amx::grouped_down(experts.data(), n, H, I);
 }
 
 // Forward of one expert: rows Xe [r, H] -> gu block (saved), O rows [r, H].
@@ -425,14 +442,6 @@ void expert_forward(const at::Tensor& Xe, const at::Tensor& w_gu, const at::Tens
                     at::Tensor& gu, at::Tensor& h_buf, at::Tensor& O, int64_t row0, int64_t r,
                     Scratch& scratch) {
   const int64_t H = Xe.size(1), I = w_down.size(1);
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (amx_forward(Xe.scalar_type(), H, I)) {
-      expert_forward_amx(Xe.data_ptr<scalar_t>(), w_gu.data_ptr<scalar_t>(),
-                         w_down.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>() + row0 * 2 * I,
-                         O.data_ptr<scalar_t>() + row0 * H, r, H, I, scratch);
-      return;
-    }
-  }
   if (!gu_transposed(Xe.scalar_type(), H, I, r)) {  // row-major blocks, small-M NT kernels
     scalar_t* gup = gu.data_ptr<scalar_t>() + row0 * 2 * I;  // [r, 2I]
     scalar_t* hp = h_buf.data_ptr<scalar_t>();              // [r, I]
@@ -525,18 +534,22 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
       ADAMOE_SCOPE("fwd_gather");
       X = hidden.index_select(0, g.row_token);  // [A, H]
     }
-    int64_t max_rows = 0;
-    for (int64_t e = 0; e < g.n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);
-    at::Tensor h_buf = at::empty({max_rows * I}, opts);  // h of one expert, reused
     Scratch scratch;
-    ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "moe_mlp_forward_cpu", [&] {
-      for (int64_t e = 0; e < g.n; ++e) {
-        const int64_t r = g.off[e + 1] - g.off[e];
-        if (r == 0) continue;  // an expert with no rows does no work
-        expert_forward<scalar_t>(X.narrow(0, g.off[e], r), gate_up[e], down[e], gu, h_buf, O,
-                                 g.off[e], r, scratch);
-      }
-    });
+    if (amx_forward(hidden.scalar_type(), H, I)) {
+      forward_amx(g, X, gate_up, down, gu, O, scratch);
+    } else {
+      int64_t max_rows = 0;
+      for (int64_t e = 0; e < g.n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);
+      at::Tensor h_buf = at::empty({max_rows * I}, opts);  // h of one expert, reused
+      ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "moe_mlp_forward_cpu", [&] {
+        for (int64_t e = 0; e < g.n; ++e) {
+          const int64_t r = g.off[e + 1] - g.off[e];
+          if (r == 0) continue;  // an expert with no rows does no work
+          expert_forward<scalar_t>(X.narrow(0, g.off[e], r), gate_up[e], down[e], gu, h_buf, O,
+                                   g.off[e], r, scratch);
+        }
+      });
+    }
   }
   at::Tensor y = at::empty_like(hidden);
   const at::Tensor ids = topk_ids.to(at::kInt).contiguous();

@@ -465,8 +465,8 @@ def test_amx_kernels_run_forward_and_backward():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         _run("cpu", lg, x, gu, dn, k, n, "true", "zero", torch.randn(T, H))
     calls = {e.key: e.count for e in prof.key_averages()}
-    assert calls.get("adamoe_cpu::amx_gemm_gate_up", 0) == busy  # gate_up + SwiGLU
-    assert calls.get("adamoe_cpu::amx_gemm_wxt", 0) == busy      # down
+    assert calls.get("adamoe_cpu::amx_gemm_gate_up", 0) == 1  # gate_up + SwiGLU, all experts
+    assert calls.get("adamoe_cpu::amx_gemm_wxt", 0) == 1      # down, all experts
     assert calls.get("adamoe_cpu::amx_gemm_tn", 0) == 2 * busy   # both weight gradients
     assert calls.get("aten::mm", 0) == 2 * busy, calls
 
