@@ -352,7 +352,18 @@ def main(argv=None):
     # bf16 (the default) keeps the plain name; other dtypes get their own file.
     suffix = "" if dtype == torch.bfloat16 else "_" + str(dtype).removeprefix("torch.")
     stem = results.result_stem(SCRIPT + suffix, args.quick)
-    return results.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)])
+    saved = results.save_results(args, out, stem, meta, rows, plot, [(rows, TABLE_COLUMNS)])
+    print(READING_NOTE)
+    return saved
+
+
+READING_NOTE = """
+How to read it: speedup = t(top-2) / t(setting); "ideal 2/L" assumes time proportional to FLOPs.
+"bound" is what this machine allows at that load: the FLOP ideal until reading every expert's
+weights dominates ("floor" = one token per expert: the weights read once, almost no FLOPs).
+Few tokens per expert (small T, low L) are weight-read bound, so the speedup saturates at
+t(top-2) / t(floor); with more tokens it follows 2/L further. Per-op breakdown: the JSON and
+*_breakdown.png; method: docs/benchmarks.md."""
 
 
 if __name__ == "__main__":

@@ -227,6 +227,16 @@ def _run(backend, lg, x, gu, dn, k, n, normalize, null_kind, gy, upcast=False):
     return y, grads
 
 
+def _single_threaded(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with torch (and the C++ kernels) on one thread."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 MOE_CASES = [
     # T, n, m, k, H, I, null_bias, empty_expert, normalize, null_kind
     (1, 4, 2, 2, 16, 24, 0.0, None, "true", "zero"),          # T = 1
@@ -326,21 +336,12 @@ def test_thread_count_does_not_change_results():
     T, n, m, k, H, I = 200, 5, 3, 2, 32, 40
     lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.float32, null_bias=0.3)
     gy = torch.randn(T, H)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1, g1 = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
-    finally:
-        torch.set_num_threads(threads)
+    y1, g1 = _single_threaded(_run, "cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
     y2, g2 = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
     # The routing and the combine orders are fixed; only the GEMM library may block differently.
     torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-5)
     r1 = ak.route(lg, k, n, backend="cpu")
-    torch.set_num_threads(1)
-    try:
-        r2 = ak.route(lg, k, n, backend="cpu")
-    finally:
-        torch.set_num_threads(threads)
+    r2 = _single_threaded(ak.route, lg, k, n, backend="cpu")
     assert torch.equal(r1.sorted_slots, r2.sorted_slots)
 
 
@@ -477,12 +478,7 @@ def test_amx_results_do_not_depend_on_thread_count():
     T, n, m, k, H, I = 90, 3, 2, 2, 64, 64
     lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.bfloat16, null_bias=0.3)
     gy = torch.randn(T, H)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1, g1 = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
-    finally:
-        torch.set_num_threads(threads)
+    y1, g1 = _single_threaded(_run, "cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
     y2, g2 = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
     assert torch.equal(y1, y2)
     for a, b in zip(g1, g2):
