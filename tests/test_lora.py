@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import adamoe_kernels as ak
-from adamoe_kernels import reference
 
 from conftest import DTYPE_TOLERANCES
 
@@ -112,14 +111,6 @@ def test_deterministic_bitwise(device):
     second = _run(x, A, B, logits, dy, 3, N_TRUE, 1.0, "triton")[:5]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-
-
-def test_cpu_backend_falls_back_to_reference():
-    x, A, B, logits, _ = _problem("cpu", torch.float32, T=6)
-    rt = ak.route(logits, 2, N_TRUE, backend="torch")
-    want = reference.moe_lora(x, A, B, rt, 0.7)
-    assert torch.equal(ak.moe_lora(x, A, B, rt, 0.7, backend="cpu"), want)
-    assert torch.equal(ak.moe_lora(x, A, B, rt, 0.7, backend="torch"), want)
 
 
 def test_bad_inputs_raise():

@@ -1,6 +1,6 @@
 """Autograd and fake (meta) registration of the C++ CPU kernels (``adamoe_kernels._C``).
 
-The C++ extension defines four ops (``python_bindings/bindings.cpp``):
+The C++ extension defines six ops (``python_bindings/bindings.cpp``):
 
 * ``adamoe::route_cpu(router_logits, top_k, num_experts, normalize, top_p=None,
   selection_bias=None) -> (topk_ids, topk_weights, expert_counts, expert_offsets, sorted_slots)``
@@ -12,6 +12,12 @@ The C++ extension defines four ops (``python_bindings/bindings.cpp``):
 * ``adamoe::moe_mlp_backward_cpu(grad_y, hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
   sorted_slots, expert_offsets, gate_up_out, null_kind, output_mask)
   -> (grad_hidden, grad_gate_up_proj, grad_down_proj, grad_topk_weights)``
+* ``adamoe::moe_lora_forward_cpu(x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+  expert_offsets, scaling) -> (y, u)``; ``u [T*k, r]`` float32 (``lora_A[e] @ x_t`` per true slot,
+  zero rows for the null slots) is the only activation saved for the backward.
+* ``adamoe::moe_lora_backward_cpu(grad_y, x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+  expert_offsets, u, scaling, output_mask) -> (grad_x, grad_lora_A, grad_lora_B,
+  grad_topk_weights)``
 
 This module gives the forward ops their autograd formulas (``torch.library.register_autograd``)
 and fake kernels, so they work under autograd and trace with ``torch.compile``.
@@ -149,4 +155,64 @@ def moe_mlp_cpu(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
     """
     y, _ = _ops.moe_mlp_forward_cpu(hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
                                     sorted_slots, expert_offsets, null_kind)
+    return y
+
+
+# ---- LoRA experts -------------------------------------------------------------------------------
+
+@torch.library.register_fake("adamoe::moe_lora_forward_cpu")
+def _moe_lora_forward_fake(x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+                           expert_offsets, scaling):
+    T, k = topk_ids.shape
+    return (x.new_empty((x.shape[0], lora_B.shape[1])),
+            x.new_empty((T * k, lora_A.shape[1]), dtype=torch.float32))
+
+
+@torch.library.register_fake("adamoe::moe_lora_backward_cpu")
+def _moe_lora_backward_fake(grad_y, x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+                            expert_offsets, u, scaling, output_mask):
+    def maybe(mask, like):
+        if mask:
+            return torch.empty_like(like, memory_format=torch.contiguous_format)
+        return like.new_empty((0,))
+
+    return (maybe(output_mask[0], x), maybe(output_mask[1], lora_A),
+            maybe(output_mask[2], lora_B), maybe(output_mask[3], topk_weights))
+
+
+def _moe_lora_setup_context(ctx, inputs, output):
+    x, lora_A, lora_B, ids, weights, slots, offsets, scaling = inputs
+    # Saved: the inputs (no copies) and u [T*k, r] fp32; nothing of size [T, out].
+    ctx.save_for_backward(x, lora_A, lora_B, ids, weights, slots, offsets, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.scaling = scaling
+
+
+def _moe_lora_backward(ctx, grad_y, _grad_u):
+    x, lora_A, lora_B, ids, weights, slots, offsets, u = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1]), bool(need[2]), bool(need[4])]
+    if grad_y is None or not any(mask):
+        return (None,) * 8
+    dx, dA, dB, dw = _ops.moe_lora_backward_cpu(grad_y, x, lora_A, lora_B, ids, weights, slots,
+                                                 offsets, u, ctx.scaling, mask)
+    return (dx if mask[0] else None, dA if mask[1] else None, dB if mask[2] else None, None,
+            dw if mask[3] else None, None, None, None)
+
+
+torch.library.register_autograd("adamoe::moe_lora_forward_cpu", _moe_lora_backward,
+                                setup_context=_moe_lora_setup_context)
+
+
+def moe_lora_cpu(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 topk_ids: torch.Tensor, topk_weights: torch.Tensor, sorted_slots: torch.Tensor,
+                 expert_offsets: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LoRA experts over the true assignments only (C++ CPU kernels).
+
+    Shapes: x ``[T, in]``, lora_A ``[n, r, in]``, lora_B ``[n, out, r]`` (x's dtype), the routing
+    tensors as ``route`` returns them. Returns ``delta [T, out]`` in x's dtype, differentiable
+    w.r.t. x, both LoRA weights and topk_weights.
+    """
+    y, _ = _ops.moe_lora_forward_cpu(x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+                                     expert_offsets, float(scaling))
     return y
