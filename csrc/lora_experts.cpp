@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -477,10 +478,24 @@ struct TokenBlock {
     }
   }
 
-  // Writes the block's sums acc to dst [T, N] (an exact zero row for a token without true slots).
+  // Zeroes the sums of the tokens with a true slot (the others are never read).
+  void zero_acc(int64_t N) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (any_true[t - t0]) std::fill_n(acc.data() + (t - t0) * N, N, 0.f);
+    }
+  }
+
+  // Writes the block's sums acc to dst [T, N]: an exact zero row (all bits zero) for a token
+  // without true slots.
   template <typename scalar_t>
   void store_acc(scalar_t* dst, int64_t N) const {
-    for (int64_t t = t0; t < t1; ++t) cpu_math::convert(acc.data() + (t - t0) * N, dst + t * N, N);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (any_true[t - t0]) {
+        cpu_math::convert(acc.data() + (t - t0) * N, dst + t * N, N);
+      } else {
+        std::memset(static_cast<void*>(dst + t * N), 0, N * sizeof(scalar_t));
+      }
+    }
   }
 
  private:
@@ -508,7 +523,7 @@ void forward_tokens(const LoraRouting& g, const LoraWeights& lw, double scaling,
   const float s = static_cast<float>(scaling);
   for_token_blocks(g, r, in, out, [&](TokenBlock& blk) {
     std::fill(u + blk.t0 * k * r, u + blk.t1 * k * r, 0.f);
-    std::fill(blk.acc.begin(), blk.acc.end(), 0.f);
+    blk.zero_acc(out);
     blk.load_rows(x, in);
     for (int64_t e = 0; e < g.n; ++e) {
       const int64_t a0 = blk.start[e], R = blk.start[e + 1] - a0;
@@ -545,7 +560,7 @@ void backward_tokens(const LoraRouting& g, const LoraWeights& lw, double scaling
   const float s = static_cast<float>(scaling);
   for_token_blocks(g, r, out, in, [&](TokenBlock& blk) {
     std::fill(dw + blk.t0 * k, dw + blk.t1 * k, 0.f);
-    std::fill(blk.acc.begin(), blk.acc.end(), 0.f);
+    if (dx) blk.zero_acc(in);
     blk.load_rows(dy, out);
     for (int64_t e = 0; e < g.n; ++e) {
       const int64_t a0 = blk.start[e], R = blk.start[e + 1] - a0;
