@@ -18,6 +18,7 @@ pytest.importorskip("adamoe_kernels._C", reason="C++ CPU backend not built")
 
 import adamoe_kernels as ak  # noqa: E402
 from adamoe_kernels import reference  # noqa: E402
+from helpers import assert_close_max, run_moe_lora  # noqa: E402
 
 # (dtype, atol, rtol) against the fp32 reference on the same (rounded) inputs: the C++ op keeps
 # A x in fp32 and rounds once, so it is closer to fp32 than the bf16 reference itself.
@@ -52,33 +53,15 @@ def _problem(T, in_f, out_f, r, n, m, k, null_bias, starve, dtype, seed=0):
     return x, A, B, logits, dy
 
 
-def _run(x, A, B, logits, dy, k, n, scaling, backend, normalize="true"):
-    """Forward + backward: ``(y, dx, dA, dB, d router_logits, routing)``."""
-    x, A, B, logits = (t.detach().clone().requires_grad_() for t in (x, A, B, logits))
-    rt = ak.route(logits, k, n, normalize, backend="torch")
-    y = ak.moe_lora(x, A, B, rt, scaling, backend=backend)
-    (y.float() * dy.float()).sum().backward()
-    return y.detach(), x.grad, A.grad, B.grad, logits.grad, rt
-
-
-def _close(name, got, want, atol, rtol):
-    """``max |got - want| <= atol + rtol * max |want|`` (sums of many low-precision terms)."""
-    assert got.shape == want.shape, name
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
-    bound = atol + rtol * (want.float().abs().max().item() if want.numel() else 0.0)
-    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 def test_matches_reference(case, dtype, atol, rtol):
     T, in_f, out_f, r, n, m, k, null_bias, starve = CASES[case]
     x, A, B, logits, dy = _problem(*CASES[case], dtype)
-    got = _run(x, A, B, logits, dy, k, n, 1.5, "cpu")
-    want = _run(x.float(), A.float(), B.float(), logits, dy.float(), k, n, 1.5, "torch")
+    got = run_moe_lora(x, A, B, logits, dy, k, n, 1.5, "cpu")
+    want = run_moe_lora(x.float(), A.float(), B.float(), logits, dy.float(), k, n, 1.5, "torch")
     for name, a, b in zip(("y", "dx", "dA", "dB", "d router_logits"), got[:5], want[:5]):
-        _close(name, a, b, atol, rtol)
+        assert_close_max(name, a, b, atol, rtol)
     y, dx, dA, dB = got[:4]
     assert y.dtype == dx.dtype == dA.dtype == dB.dtype == dtype
     rt = got[5]
@@ -109,14 +92,14 @@ def test_null_slot_weights_get_zero_gradient(normalize):
     w_ref = rt.topk_weights.detach().clone().requires_grad_()
     rt_ref = ak.Routing(rt.topk_ids, w_ref, rt.expert_counts, rt.expert_offsets, rt.sorted_slots)
     (gw_ref,) = torch.autograd.grad((reference.moe_lora(x, A, B, rt_ref, 0.5) * dy).sum(), w_ref)
-    _close("d topk_weights", gw, gw_ref, 1e-5, 1e-4)
+    assert_close_max("d topk_weights", gw, gw_ref, 1e-5, 1e-4)
     assert torch.equal(gw[rt.topk_ids >= 4], torch.zeros_like(gw[rt.topk_ids >= 4]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_null_tokens_give_exact_zeros(dtype):
     x, A, B, logits, dy = _problem(40, 24, 40, 8, 4, 3, 3, 20.0, None, dtype)
-    y, dx, dA, dB, dlogits, rt = _run(x, A, B, logits, dy, 3, 4, 2.0, "cpu")
+    y, dx, dA, dB, dlogits, rt = run_moe_lora(x, A, B, logits, dy, 3, 4, 2.0, "cpu")
     assert int(rt.expert_offsets[-1]) == 0
     for name, t in (("y", y), ("dx", dx), ("dA", dA), ("dB", dB), ("dlogits", dlogits)):
         assert torch.equal(t, torch.zeros_like(t)), name
@@ -124,7 +107,7 @@ def test_all_null_tokens_give_exact_zeros(dtype):
 
 def test_empty_batch():
     x, A, B, logits, dy = _problem(0, 16, 24, 8, 4, 2, 2, 0.0, None, torch.float32)
-    y, dx, dA, dB, _, _ = _run(x, A, B, logits, dy, 2, 4, 1.0, "cpu")
+    y, dx, dA, dB, _, _ = run_moe_lora(x, A, B, logits, dy, 2, 4, 1.0, "cpu")
     assert y.shape == (0, 24) and dx.shape == (0, 16)
     assert torch.equal(dA, torch.zeros_like(dA)) and torch.equal(dB, torch.zeros_like(dB))
 
@@ -133,7 +116,7 @@ def test_partial_gradients_and_no_grad():
     """Frozen LoRA weights (only dx wanted), frozen x, and no_grad all give the same values."""
     x, A, B, logits, dy = _problem(50, 24, 40, 8, 4, 2, 2, 0.0, None, torch.float32)
     rt = ak.route(logits, 2, 4, backend="torch")
-    full = _run(x, A, B, logits, dy, 2, 4, 0.7, "cpu")
+    full = run_moe_lora(x, A, B, logits, dy, 2, 4, 0.7, "cpu")
     xr = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad((ak.moe_lora(xr, A, B, rt, 0.7, backend="cpu") * dy).sum(), xr)
     assert torch.equal(gx, full[1])
@@ -159,14 +142,14 @@ def test_non_contiguous_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_and_thread_count_independent(dtype):
     x, A, B, logits, dy = _problem(200, 40, 72, 12, 4, 3, 3, 0.3, None, dtype)
-    first = _run(x, A, B, logits, dy, 3, 4, 1.0, "cpu")[:5]
-    second = _run(x, A, B, logits, dy, 3, 4, 1.0, "cpu")[:5]
+    first = run_moe_lora(x, A, B, logits, dy, 3, 4, 1.0, "cpu")[:5]
+    second = run_moe_lora(x, A, B, logits, dy, 3, 4, 1.0, "cpu")[:5]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = _run(x, A, B, logits, dy, 3, 4, 1.0, "cpu")[:5]
+        single = run_moe_lora(x, A, B, logits, dy, 3, 4, 1.0, "cpu")[:5]
         torch.set_num_threads(3)
-        three = _run(x, A, B, logits, dy, 3, 4, 1.0, "cpu")[:5]
+        three = run_moe_lora(x, A, B, logits, dy, 3, 4, 1.0, "cpu")[:5]
     finally:
         torch.set_num_threads(threads)
     for other in (second, single, three):
@@ -300,4 +283,4 @@ def test_lora_layer_runs_on_the_cpu_backend():
         outs.append([y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone(),
                      layer.router.weight.grad.clone()])
     for a, b in zip(*outs):
-        _close("layer", a, b, 1e-5, 1e-4)
+        assert_close_max("layer", a, b, 1e-5, 1e-4)
