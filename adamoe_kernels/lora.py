@@ -7,19 +7,11 @@ cost nothing.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import reference
 from ._contract import Routing, check_moe_lora_args
 from .ops.backend import resolve_backend
-
-
-def _requested_backend(backend: str | None) -> str | None:
-    if backend is not None:
-        return backend
-    return os.environ.get("ADAMOE_BACKEND") or None
 
 
 def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routing: Routing,
@@ -36,23 +28,20 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
         routing: from ``route`` over ``n`` true experts (its ``topk_weights`` carry the gradient
             to the router logits).
         scaling: the LoRA scale (``lora_alpha / r``).
-        backend: ``"triton"`` (the kernels), ``"torch"`` (the reference) or ``"cpu"`` (no C++
-            kernel for LoRA experts: runs the reference on CPU tensors); default as in ``ops.backend``.
+        backend: ``"triton"`` (the kernels), ``"cpu"`` (the C++ kernels, CPU tensors) or
+            ``"torch"`` (the reference); default as in ``ops.backend``.
 
     Returns:
         ``[T, out]`` in x's dtype. Differentiable w.r.t. ``x``, ``lora_A``, ``lora_B`` and
         ``routing.topk_weights``. Deterministic: the same inputs give bitwise the same output.
     """
     check_moe_lora_args(x, lora_A, lora_B, routing, scaling)
-    if _requested_backend(backend) == "cpu":
-        if x.device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got {x.device}")
-        which = "torch"
-    else:
-        which = resolve_backend(backend, x.device)
-    if which in ("torch", "cpu"):
+    which = resolve_backend(backend, x.device)
+    if which == "torch":
         return reference.moe_lora(x, lora_A, lora_B, routing, scaling)
-    from .ops.lora import moe_lora_triton
-
-    return moe_lora_triton(x, lora_A, lora_B, routing.topk_ids, routing.topk_weights,
-                           routing.sorted_slots, routing.expert_offsets, float(scaling))
+    if which == "cpu":
+        from .ops.cpu import moe_lora_cpu as impl
+    else:
+        from .ops.lora import moe_lora_triton as impl
+    return impl(x, lora_A, lora_B, routing.topk_ids, routing.topk_weights, routing.sorted_slots,
+                routing.expert_offsets, float(scaling))

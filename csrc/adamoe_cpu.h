@@ -1,6 +1,6 @@
-// adamoe_kernels C++ CPU backend: fused routing + counting sort, grouped expert MLP (forward and
-// backward) over the compacted true assignments only. Semantics: shared/DESIGN.md; oracle:
-// adamoe_kernels/reference.py. Registered as torch.ops.adamoe.*_cpu by
+// adamoe_kernels C++ CPU backend: fused routing + counting sort, grouped expert MLP and LoRA
+// experts (forward and backward) over the compacted true assignments only. Semantics:
+// shared/DESIGN.md; oracle: adamoe_kernels/reference.py. Registered as torch.ops.adamoe.*_cpu by
 // python_bindings/bindings.cpp.
 #pragma once
 
@@ -68,5 +68,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
     const at::Tensor& down_proj, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
     const at::Tensor& sorted_slots, const at::Tensor& expert_offsets,
     const at::Tensor& gate_up_out, const std::string& null_kind, std::array<bool, 4> output_mask);
+
+// ---- lora_experts.cpp ----------------------------------------------------------------------
+
+// Mixture of LoRA experts over the true assignments (semantics of reference.py::moe_lora):
+// delta_t = sum_{true j} w_tj * scaling * lora_B[e] @ (lora_A[e] @ x_t), e = topk_ids[t, j] < n.
+// x [T, in], lora_A [n, r, in], lora_B [n, out, r] (x's dtype); routing tensors as route_cpu
+// returns them. Returns (y [T, out] x's dtype, u [T*k, r] float32): u holds lora_A[e] @ x_t for
+// every true slot t*k+j (zero rows for the null slots) and is saved for the backward.
+std::tuple<at::Tensor, at::Tensor> moe_lora_forward_cpu(
+    const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_slots,
+    const at::Tensor& expert_offsets, double scaling);
+
+// Returns (grad_x [T, in], grad_lora_A [n, r, in], grad_lora_B [n, out, r], grad_topk_weights
+// [T, k] topk_weights' dtype; zero on null slots); an output whose output_mask entry is false is
+// an empty [0] tensor. Experts without rows get exact-zero weight gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+    const at::Tensor& sorted_slots, const at::Tensor& expert_offsets, const at::Tensor& u,
+    double scaling, std::array<bool, 4> output_mask);
 
 }  // namespace adamoe

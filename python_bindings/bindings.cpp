@@ -27,6 +27,15 @@ TORCH_LIBRARY_FRAGMENT(adamoe, m) {
       "Tensor gate_up_out, str null_kind, bool[4] output_mask) -> "
       "(Tensor grad_hidden, Tensor grad_gate_up_proj, Tensor grad_down_proj, "
       "Tensor grad_topk_weights)");
+  m.def(
+      "moe_lora_forward_cpu(Tensor x, Tensor lora_A, Tensor lora_B, Tensor topk_ids, "
+      "Tensor topk_weights, Tensor sorted_slots, Tensor expert_offsets, float scaling) -> "
+      "(Tensor y, Tensor u)");
+  m.def(
+      "moe_lora_backward_cpu(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, "
+      "Tensor topk_ids, Tensor topk_weights, Tensor sorted_slots, Tensor expert_offsets, "
+      "Tensor u, float scaling, bool[4] output_mask) -> "
+      "(Tensor grad_x, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_topk_weights)");
 }
 
 TORCH_LIBRARY_IMPL(adamoe, CPU, m) {
@@ -34,6 +43,8 @@ TORCH_LIBRARY_IMPL(adamoe, CPU, m) {
   m.impl("route_backward_cpu", &adamoe::route_backward_cpu);
   m.impl("moe_mlp_forward_cpu", &adamoe::moe_mlp_forward_cpu);
   m.impl("moe_mlp_backward_cpu", &adamoe::moe_mlp_backward_cpu);
+  m.impl("moe_lora_forward_cpu", &adamoe::moe_lora_forward_cpu);
+  m.impl("moe_lora_backward_cpu", &adamoe::moe_lora_backward_cpu);
 }
 
 // `import adamoe_kernels._C` loads this library, which runs the registrations above.

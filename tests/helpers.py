@@ -50,6 +50,27 @@ def assert_close(actual, expected, atol, rtol, name=""):
                                msg=lambda m: f"{name}: {m}")
 
 
+def assert_close_max(name, got, want, atol, rtol):
+    """``max |got - want| <= atol + rtol * max |want|`` (robust for sums of many bf16 terms)."""
+    assert got.shape == want.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
+    bound = atol + rtol * (want.float().abs().max().item() if want.numel() else 0.0)
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def run_moe_lora(x, A, B, logits, dy, k, n, scaling, backend, normalize="true"):
+    """``ak.moe_lora`` forward + backward of ``<y, dy>`` on fresh leaves, routed on the torch
+    backend: ``(y, dx, dA, dB, d router_logits, routing)``."""
+    import adamoe_kernels as ak
+
+    x, A, B, logits = (t.detach().clone().requires_grad_() for t in (x, A, B, logits))
+    rt = ak.route(logits, k, n, normalize, backend="torch")
+    y = ak.moe_lora(x, A, B, rt, scaling, backend=backend)
+    (y.float() * dy.float()).sum().backward()
+    return y.detach(), x.grad, A.grad, B.grad, logits.grad, rt
+
+
 def spawn_ranks(fn, world: int, init_file: str, args: tuple, timeout_s: float = 120.0) -> None:
     """Run ``fn(rank, world, init_file, *args)`` in ``world`` spawned processes and wait for them
     (killing them, and failing the test, after ``timeout_s``: a collective mismatch hangs)."""

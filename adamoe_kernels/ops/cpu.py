@@ -1,6 +1,6 @@
 """Autograd and fake (meta) registration of the C++ CPU kernels (``adamoe_kernels._C``).
 
-The C++ extension defines four ops (``python_bindings/bindings.cpp``):
+The C++ extension defines six ops (``python_bindings/bindings.cpp``):
 
 * ``adamoe::route_cpu(router_logits, top_k, num_experts, normalize, top_p=None,
   selection_bias=None) -> (topk_ids, topk_weights, expert_counts, expert_offsets, sorted_slots)``
@@ -12,6 +12,12 @@ The C++ extension defines four ops (``python_bindings/bindings.cpp``):
 * ``adamoe::moe_mlp_backward_cpu(grad_y, hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
   sorted_slots, expert_offsets, gate_up_out, null_kind, output_mask)
   -> (grad_hidden, grad_gate_up_proj, grad_down_proj, grad_topk_weights)``
+* ``adamoe::moe_lora_forward_cpu(x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+  expert_offsets, scaling) -> (y, u)``; ``u [T*k, r]`` float32 (``lora_A[e] @ x_t`` per true slot,
+  zero rows for the null slots) is the only activation saved for the backward.
+* ``adamoe::moe_lora_backward_cpu(grad_y, x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+  expert_offsets, u, scaling, output_mask) -> (grad_x, grad_lora_A, grad_lora_B,
+  grad_topk_weights)``
 
 This module gives the forward ops their autograd formulas (``torch.library.register_autograd``)
 and fake kernels, so they work under autograd and trace with ``torch.compile``.
@@ -90,6 +96,37 @@ def route_cpu(router_logits: torch.Tensor, top_k: int, num_experts: int, normali
     return _ops.route_cpu(router_logits, top_k, num_experts, normalize, top_p, selection_bias)
 
 
+# ---- the expert ops' shared autograd plumbing -------------------------------------------------
+# moe_mlp_forward_cpu and moe_lora_forward_cpu take (activations, weight 1, weight 2, topk_ids,
+# topk_weights, sorted_slots, expert_offsets, <non-tensor>); their backward ops return the
+# gradients of inputs 0, 1, 2 and 4, each an empty [0] tensor where output_mask is false.
+
+def _masked_grads_fake(output_mask, likes):
+    return tuple(torch.empty_like(like, memory_format=torch.contiguous_format) if want
+                 else like.new_empty((0,)) for want, like in zip(output_mask, likes))
+
+
+def _register_expert_autograd(name: str, backward_op) -> None:
+    """Autograd of a forward op that returns ``(out, saved buffer)``: the backward op gets
+    ``(grad_out, the 7 tensor inputs, the buffer, the 8th input, output_mask)``."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7], output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.extra = inputs[7]
+
+    def backward(ctx, grad_out, _grad_buffer):
+        need = ctx.needs_input_grad
+        mask = [bool(need[0]), bool(need[1]), bool(need[2]), bool(need[4])]
+        if grad_out is None or not any(mask):
+            return (None,) * 8
+        grads = backward_op(grad_out, *ctx.saved_tensors, ctx.extra, mask)
+        g0, g1, g2, g4 = (g if want else None for want, g in zip(mask, grads))
+        return g0, g1, g2, None, g4, None, None, None
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
 # ---- grouped expert MLP -------------------------------------------------------------------------
 
 @torch.library.register_fake("adamoe::moe_mlp_forward_cpu")
@@ -103,38 +140,11 @@ def _moe_mlp_forward_fake(hidden, gate_up_proj, down_proj, topk_ids, topk_weight
 @torch.library.register_fake("adamoe::moe_mlp_backward_cpu")
 def _moe_mlp_backward_fake(grad_y, hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
                            sorted_slots, expert_offsets, gate_up_out, null_kind, output_mask):
-    def maybe(mask, like, **kw):
-        if mask:
-            return torch.empty_like(like, memory_format=torch.contiguous_format, **kw)
-        return like.new_empty((0,))
-
-    return (maybe(output_mask[0], hidden), maybe(output_mask[1], gate_up_proj),
-            maybe(output_mask[2], down_proj), maybe(output_mask[3], topk_weights))
+    return _masked_grads_fake(output_mask, (hidden, gate_up_proj, down_proj, topk_weights))
 
 
-def _moe_setup_context(ctx, inputs, output):
-    hidden, gate_up, down, ids, weights, slots, offsets, null_kind = inputs
-    # Saved: the inputs (no copies) and the compact [A, 2I] pre-activations; nothing [T*k, ...].
-    ctx.save_for_backward(hidden, gate_up, down, ids, weights, slots, offsets, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.null_kind = null_kind
-
-
-def _moe_backward(ctx, grad_y, _grad_gate_up_out):
-    hidden, gate_up, down, ids, weights, slots, offsets, gate_up_out = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [bool(need[0]), bool(need[1]), bool(need[2]), bool(need[4])]
-    if grad_y is None or not any(mask):
-        return (None,) * 8
-    d_hidden, d_gate_up, d_down, d_weights = _ops.moe_mlp_backward_cpu(
-        grad_y, hidden, gate_up, down, ids, weights, slots, offsets, gate_up_out, ctx.null_kind,
-        mask)
-    return (d_hidden if mask[0] else None, d_gate_up if mask[1] else None,
-            d_down if mask[2] else None, None, d_weights if mask[3] else None, None, None, None)
-
-
-torch.library.register_autograd("adamoe::moe_mlp_forward_cpu", _moe_backward,
-                                setup_context=_moe_setup_context)
+# Saved: the inputs (no copies) and the compact [A, 2I] pre-activations; nothing [T*k, ...].
+_register_expert_autograd("adamoe::moe_mlp_forward_cpu", _ops.moe_mlp_backward_cpu)
 
 
 def moe_mlp_cpu(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -149,4 +159,38 @@ def moe_mlp_cpu(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
     """
     y, _ = _ops.moe_mlp_forward_cpu(hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
                                     sorted_slots, expert_offsets, null_kind)
+    return y
+
+
+# ---- LoRA experts -------------------------------------------------------------------------------
+
+@torch.library.register_fake("adamoe::moe_lora_forward_cpu")
+def _moe_lora_forward_fake(x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+                           expert_offsets, scaling):
+    T, k = topk_ids.shape
+    return (x.new_empty((x.shape[0], lora_B.shape[1])),
+            x.new_empty((T * k, lora_A.shape[1]), dtype=torch.float32))
+
+
+@torch.library.register_fake("adamoe::moe_lora_backward_cpu")
+def _moe_lora_backward_fake(grad_y, x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+                            expert_offsets, u, scaling, output_mask):
+    return _masked_grads_fake(output_mask, (x, lora_A, lora_B, topk_weights))
+
+
+# Saved: the inputs (no copies) and u [T*k, r] fp32; nothing of size [T, out].
+_register_expert_autograd("adamoe::moe_lora_forward_cpu", _ops.moe_lora_backward_cpu)
+
+
+def moe_lora_cpu(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 topk_ids: torch.Tensor, topk_weights: torch.Tensor, sorted_slots: torch.Tensor,
+                 expert_offsets: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LoRA experts over the true assignments only (C++ CPU kernels).
+
+    Shapes: x ``[T, in]``, lora_A ``[n, r, in]``, lora_B ``[n, out, r]`` (x's dtype), the routing
+    tensors as ``route`` returns them. Returns ``delta [T, out]`` in x's dtype, differentiable
+    w.r.t. x, both LoRA weights and topk_weights.
+    """
+    y, _ = _ops.moe_lora_forward_cpu(x, lora_A, lora_B, topk_ids, topk_weights, sorted_slots,
+                                     expert_offsets, float(scaling))
     return y
