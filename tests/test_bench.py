@@ -23,6 +23,7 @@ kernels = importlib.import_module("kernels")
 finetune_step = importlib.import_module("finetune_step")
 load_dial = importlib.import_module("load_dial")
 make_readme_table = importlib.import_module("make_readme_table")
+from adamoe_kernels.ops.backend import cpu_extension_available  # noqa: E402
 
 FAST = ["--device", "cpu", "--backend", "torch", "--dtype", "float32", "--reps", "1", "--warmup", "0",
         "--no-progress"]
@@ -67,15 +68,44 @@ def test_layer_speedup(tmp_path):
     res = layer_speedup.main(FAST + ["--hidden", "32", "--intermediate", "64", "--tokens", "128",
                                      "--loads", "1.0", "0.5", "--out", str(tmp_path)])
     payload = _load(res["json"])
-    rows = payload["rows"]
+    rows, floor = payload["rows"][:-1], payload["rows"][-1]
     assert [r["config"] for r in rows] == ["top2", "m8k3", "m8k3", "m16k4", "m16k4"]
     for r in rows:
         for key in ("load", "load_target", "fwd_ms", "fwdbwd_ms", "speedup_fwd", "speedup_fwdbwd",
-                    "ideal_speedup", "ref_fwd_ms", "calibration_hit", "T", "H", "I"):
+                    "ideal_speedup", "ref_fwd_ms", "calibration_hit", "T", "H", "I",
+                    "bound_speedup_fwd", "bound_speedup_fwdbwd"):
             assert key in r, key
         assert r["calibration_hit"]
         assert abs(r["load"] - r["load_target"]) <= workload.load_tolerance(r["T"])
+        # the bound is the FLOP ideal capped by the floor: never above 2/L, never below 1 at L<=2
+        for mode in ("fwd", "fwdbwd"):
+            assert r[f"bound_speedup_{mode}"] <= r["ideal_speedup"] + 1e-9
+            top2 = rows[0][f"{mode}_ms"]
+            assert r[f"bound_speedup_{mode}"] == pytest.approx(
+                top2 / max(top2 * r["load"] / 2, floor[f"{mode}_ms"]))
+        for mode in ("fwd", "fwdbwd"):  # the torch backend has no scopes: router + the rest
+            assert {"router", "other"} <= set(r[f"breakdown_{mode}"])
+    # the floor setting routes exactly one token to each true expert
+    assert floor["config"] == "floor" and floor["true_assignments"] == floor["n"]
+    assert floor["load"] == pytest.approx(floor["n"] / floor["T"])
     assert Path(res["png"]).exists()
+    assert Path(res["png"]).with_name(Path(res["png"]).stem + "_breakdown.png").exists()
+
+
+@pytest.mark.skipif(not cpu_extension_available(), reason="C++ CPU backend not built")
+def test_layer_speedup_cpu_breakdown(tmp_path):
+    """On the C++ backend every setting's breakdown names the phases of the call (its profiler
+    scopes), and they add up to no more than the profiled call."""
+    res = layer_speedup.main(["--device", "cpu", "--backend", "cpu", "--dtype", "bfloat16",
+                              "--reps", "1", "--warmup", "0", "--no-progress", "--no-reference",
+                              "--no-plot", "--hidden", "64", "--intermediate", "96", "--tokens",
+                              "64", "--loads", "0.5", "--configs", "m8k3", "--out", str(tmp_path)])
+    for r in _load(res["json"])["rows"]:
+        fwd, fwdbwd = r["breakdown_fwd"], r["breakdown_fwdbwd"]
+        assert {"router", "route", "gate_up", "down", "combine", "other"} <= set(fwd), fwd
+        assert {"bwd_dy_down", "bwd_swiglu", "bwd_grad_down", "bwd_grad_gate_up", "bwd_dx",
+                "bwd_combine", "route_backward"} <= set(fwdbwd), fwdbwd
+        assert all(v >= 0 for v in fwd.values()) and all(v >= 0 for v in fwdbwd.values())
 
 
 def test_kernels(tmp_path):

@@ -85,10 +85,12 @@ def test_summary_rendering(status):
         "env": {"status": "ok", "seconds": 1, "timeout_s": 20, "result": {"note": "H200"}},
         "layer": {"status": status, "seconds": 2, "timeout_s": 9, "result": {
             "speedups": [{"T": 4096, "config": "m8k3", "load_target": 1.0, "load": 1.0,
-                          "ideal": 2.0, "fwd": 1.8, "fwdbwd": None}]}}}}
+                          "ideal": 2.0, "bound_fwd": 1.9, "fwd": 1.8, "bound_fwdbwd": None,
+                          "fwdbwd": None}]}}}}
     summary["headline"] = gpu_check.headline(summary)
     text = gpu_check.render_summary(summary)
-    assert f"| layer | {status} |" in text and "| 4096 | m8k3 | 1 | 1.00 | 2.00x | 1.80x | - |" in text
+    assert f"| layer | {status} |" in text
+    assert "| 4096 | m8k3 | 1 | 1.00 | 2.00x | 1.90x | 1.80x | - | - |" in text
 
 
 def test_warm_pool_runs_specs_in_processes_and_reports_failures():
