@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define ADAMOE_X86_AVX512 1
@@ -59,6 +60,12 @@ constexpr int kTnMR = 4;
 constexpr int kTnNRV = 6;
 constexpr int64_t kTnRowsPerTask = 64;
 constexpr int64_t kTnPanelBytes = 256 << 10;
+// Its bf16 version (VDPBF16PS) packs per task the task's columns of A as pairs and a panel of B
+// (<= kTnBf16PanelBytes) with its rows interleaved in pairs, both kept in L2: 128 rows per task and
+// 128 KiB panels measured 3-5% faster than 64 rows and 256 KiB (2-core Xeon, 8-1024 rows per
+// expert).
+constexpr int64_t kTnBf16RowsPerTask = 128;
+constexpr int64_t kTnBf16PanelBytes = 128 << 10;
 
 // exp for the scalar path: same Cephes polynomial as the vector path.
 inline float exp_scalar(float x) {
@@ -520,6 +527,130 @@ ADAMOE_AVX512 void gemm_tn_avx512(const float* A, int64_t lda, const float* B, i
   });
 }
 
+// C[MR, 16*NRV] = A^T @ B in bf16 from the packed operands of gemm_tn_bf16_avx512: per pair p of
+// K, NRV vectors of interleaved B pairs (pb + p * ldb) times MR broadcast A pairs (pa + p * lda),
+// VDPBF16PS into fp32 lanes over the whole K, then rounded to bf16 (nearest even) and written once,
+// two vectors per 64-byte line; with `stream`, full aligned lines go out with streaming stores.
+template <int MR, int NRV>
+ADAMOE_AVX512_BF16 __attribute__((always_inline)) inline void gemm_tn_bf16_micro(
+    const uint32_t* pa, int64_t lda, const c10::BFloat16* pb, int64_t ldb, c10::BFloat16* C,
+    int64_t ldc, int64_t K2, __mmask16 last, bool stream) {
+  __m512 acc[MR][NRV];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NRV; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < K2; ++p) {
+    __m512bh b[NRV];
+    for (int j = 0; j < NRV; ++j) {
+      b[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pb + p * ldb + 32 * j));
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a =
+          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pa[p * lda + i])));
+      for (int j = 0; j < NRV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
+    }
+  }
+  const auto mask = [last](int j) -> __mmask32 {
+    return j >= NRV ? 0u : j == NRV - 1 ? last : 0xFFFFu;
+  };
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NRV; j += 2) {
+      const __m512 hi = j + 1 < NRV ? acc[i][j + 1] : _mm512_setzero_ps();
+      const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, acc[i][j]));
+      const __mmask32 m = mask(j) | mask(j + 1) << 16;
+      c10::BFloat16* c = C + i * ldc + 16 * j;
+      if (stream && m == ~__mmask32{0} && (reinterpret_cast<uintptr_t>(c) & 63) == 0) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(c), v);
+      } else {
+        _mm512_mask_storeu_epi16(c, m, v);
+      }
+    }
+  }
+}
+
+// Rows [0, rows) of C against 16*NRV columns (pa, pb, C at the block's first row and column).
+template <int NRV>
+ADAMOE_AVX512_BF16 void gemm_tn_bf16_column_block(const uint32_t* pa, int64_t lda,
+                                                  const c10::BFloat16* pb, int64_t ldb,
+                                                  c10::BFloat16* C, int64_t ldc, int64_t rows,
+                                                  int64_t K2, __mmask16 last, bool stream) {
+  for (int64_t m = 0; m < rows; m += kTnMR) {
+    const uint32_t* a = pa + m;
+    c10::BFloat16* c = C + m * ldc;
+    switch (std::min<int64_t>(kTnMR, rows - m)) {
+      case 4: gemm_tn_bf16_micro<4, NRV>(a, lda, pb, ldb, c, ldc, K2, last, stream); break;
+      case 3: gemm_tn_bf16_micro<3, NRV>(a, lda, pb, ldb, c, ldc, K2, last, stream); break;
+      case 2: gemm_tn_bf16_micro<2, NRV>(a, lda, pb, ldb, c, ldc, K2, last, stream); break;
+      default: gemm_tn_bf16_micro<1, NRV>(a, lda, pb, ldb, c, ldc, K2, last, stream); break;
+    }
+  }
+}
+
+// dst[p * ldd + 2j + q] = src[(2p + q) * lds + j] for p < ceil(K / 2), q < 2, j < cols: the rows of
+// src [K, cols] interleaved in pairs (NnBf16::load_b), zero for row K of an odd K and for the
+// columns up to the next multiple of 16.
+ADAMOE_AVX512_BF16 void pack_row_pairs(const c10::BFloat16* src, int64_t lds, int64_t K,
+                                       int64_t cols, c10::BFloat16* dst, int64_t ldd) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const int64_t rows = std::min<int64_t>(2, K - k);
+    for (int64_t j = 0; j < cols; j += 16) {
+      _mm512_storeu_si512(dst + (k / 2) * ldd + 2 * j,
+                          NnBf16::load_b(src + k * lds + j, lds, tail_mask(cols - j), rows));
+    }
+  }
+}
+
+// C [M, N] = A^T @ B in bf16 for A [K, M], B [K, N]. VDPBF16PS multiplies pairs: lane j of C row m
+// gets A[k][m] B[k][n+j] + A[k+1][m] B[k+1][n+j] from the broadcast pair (A[k][m], A[k+1][m]) and
+// B rows k, k+1 interleaved. Each task owns a block of rows of C: it interleaves the block's
+// columns of A into 32-bit pairs once, then, panel by panel of B columns, the panel's row pairs
+// (both stay in L2 while every micro-kernel of the block reads them: one interleave per element of
+// B and task instead of one per micro-kernel: 1.2-1.5x faster where the GEMM is compute-bound).
+ADAMOE_AVX512_BF16 void gemm_tn_bf16_avx512(const c10::BFloat16* A, int64_t lda,
+                                            const c10::BFloat16* B, int64_t ldb, c10::BFloat16* C,
+                                            int64_t ldc, int64_t M, int64_t N, int64_t K,
+                                            bool stream) {
+  using bf16 = c10::BFloat16;
+  constexpr int64_t kCols = 16 * kTnNRV;
+  const int64_t K2 = (K + 1) / 2;
+  // Rows per task: kTnBf16RowsPerTask, fewer where that would leave threads without a task (each
+  // element's sum is the same for any split, so results stay independent of the thread count).
+  const int64_t per_thread = (M + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t rows_per_task =
+      std::clamp<int64_t>((per_thread + 15) / 16 * 16, 16, kTnBf16RowsPerTask);
+  const int64_t panel_cols = std::max<int64_t>(
+      kCols, kTnBf16PanelBytes / (std::max<int64_t>(K2, 1) * 4) / kCols * kCols);
+  const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    // Per-thread packing buffers, kept between calls (grown, never shrunk: a few hundred KiB).
+    thread_local std::vector<uint32_t> pa;
+    thread_local std::vector<bf16> pb;
+    const int64_t lda_p = rows_per_task, pcols = (std::min(panel_cols, N) + 15) / 16 * 16;
+    pa.resize(std::max<size_t>(pa.size(), K2 * lda_p));
+    pb.resize(std::max<size_t>(pb.size(), K2 * 2 * pcols));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t * rows_per_task, rows = std::min(M, m0 + rows_per_task) - m0;
+      pack_row_pairs(A + m0, lda, K, rows, reinterpret_cast<bf16*>(pa.data()), 2 * lda_p);
+      for (int64_t p0 = 0; p0 < N; p0 += panel_cols) {
+        const int64_t p1 = std::min(N, p0 + panel_cols);
+        const int64_t ldp = 2 * ((p1 - p0 + 15) / 16 * 16);
+        pack_row_pairs(B + p0, ldb, K, p1 - p0, pb.data(), ldp);
+        for (int64_t n = p0; n < p1; n += kCols) {
+          const int64_t cols = std::min(kCols, p1 - n);
+          const int nv = static_cast<int>((cols + 15) / 16);
+          const __mmask16 last = tail_mask(cols - 16 * (nv - 1));
+          with_width(nv, [&](auto w) {
+            gemm_tn_bf16_column_block<decltype(w)::value>(
+                pa.data(), lda_p, pb.data() + 2 * (n - p0), ldp, C + m0 * ldc + n, ldc, rows, K2,
+                last, stream);
+          });
+        }
+      }
+    }
+    _mm_sfence();
+  });
+}
+
 // The bits of bf16 rows <-> fp32 (bf16 -> fp32 exact; fp32 -> bf16 rounds to nearest even).
 ADAMOE_AVX512_BW void bf16_to_float_avx512(const c10::BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
@@ -666,6 +797,14 @@ void gemm_tn_small_k(const float* A, int64_t lda, const float* B, int64_t ldb, f
   if (has_avx512()) return gemm_tn_avx512(A, lda, B, ldb, C, ldc, M, N, K);
 #endif
   TORCH_CHECK(false, "gemm_tn_small_k needs AVX-512 (check has_avx512() first)");
+}
+
+void gemm_tn_small_k(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
+                     c10::BFloat16* C, int64_t ldc, int64_t M, int64_t N, int64_t K, bool stream) {
+#if ADAMOE_X86_AVX512
+  if (has_avx512_bf16()) return gemm_tn_bf16_avx512(A, lda, B, ldb, C, ldc, M, N, K, stream);
+#endif
+  TORCH_CHECK(false, "the bf16 gemm_tn_small_k needs AVX512_BF16 (check has_avx512_bf16() first)");
 }
 
 void gemm_nt_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,

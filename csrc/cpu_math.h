@@ -111,6 +111,13 @@ void gemm_nn_small_m(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B
 // has_avx512().
 void gemm_tn_small_k(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc, int64_t M, int64_t N, int64_t K);
+// The same for bf16 A, B and C: pairs of A and B rows (k, k+1) multiplied by VDPBF16PS into fp32
+// lanes (an odd K ends with a half pair), each element rounded once to bf16 (nearest even, as
+// c10::BFloat16 and at::mm round). `stream`: full aligned lines of C go out with streaming stores
+// (the faster ones where C's pages are resident; where the first store faults a page in, the
+// kernel zeroes it through the cache and plain stores are faster). Needs has_avx512_bf16().
+void gemm_tn_small_k(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
+                     c10::BFloat16* C, int64_t ldc, int64_t M, int64_t N, int64_t K, bool stream);
 
 }  // namespace cpu_math
 }  // namespace adamoe
