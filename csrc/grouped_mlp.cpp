@@ -28,7 +28,9 @@
 // output (the whole [2I, H] / [H, I] of the expert): for fp32 on AVX-512 they use
 // cpu_math::gemm_tn_small_k, which sums the r_e rows in registers and writes each output element
 // once with streaming stores (measured 1.1-2.4x faster than at::mm's MKL sgemm for 16-512 rows
-// per expert on a 2-core AMD EPYC). Every phase of the backward is a torch.profiler scope
+// per expert on a 2-core AMD EPYC); bf16 weight gradients run on the AMX kernels (CPUs with
+// AMX-BF16), else with few rows on the VDPBF16PS version of gemm_tn_small_k (AVX512_BF16), else
+// on at::mm (oneDNN). Every phase of the backward is a torch.profiler scope
 // (adamoe_cpu::bwd_*). The experts run one after the other; each GEMM and each
 // elementwise pass is multithreaded inside (measured faster on few cores than experts in
 // parallel with single-threaded GEMMs, and it keeps every result independent of the thread count
@@ -45,6 +47,7 @@
 #include <cstdlib>
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 #include <limits>
 #include <vector>
@@ -94,6 +97,19 @@ constexpr int64_t kSmallGemmMaxRowsW = 1024;
 // backward's dy @ down and d gate_up @ gate_up stay on oneDNN: an own AMX version (the weight
 // interleaved to VNNI pairs on the fly) was no faster at any row count.
 constexpr int64_t kAmxMaxRowsGrad = 256;
+// Largest expert row count for which the bf16 weight gradients use the VDPBF16PS small-K kernel
+// (cpu_math::gemm_tn_small_k) on CPUs with AVX512_BF16 where the AMX kernels do not take them
+// (no AMX, or ADAMOE_CPU_NO_AMX=1). A PROXY MEASUREMENT ON AN INTEL XEON, for both values: oneDNN
+// restricted to AVX-512 BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), 2 threads, n=8 top-2,
+// H=1024/I=2816 and H=512/I=1408. The two weight-gradient GEMMs of 8 experts into fresh buffers:
+// 1.05-1.4x faster at 8-32 rows per expert, 1.04-1.06x at 64, 0.93-0.99x at 128-1024 (both near the
+// VDPBF16PS peak there). The whole backward: 1.17-1.35x at 8-16 rows and 1.04-1.08x at 32 into
+// recycled gradient memory (the README's allocator setting), 1.0-1.06x into fresh pages (their
+// faults dominate), 1.0-1.03x at 64-128. Not measured on an AMD CPU yet (Zen 4: re-measure the
+// non-Intel value). On AMX CPUs the AMX kernels take up to kAmxMaxRowsGrad rows and oneDNN's AMX
+// GEMMs (4-6x faster than this kernel above 256 rows) the rest, so this limit stays below that.
+constexpr int64_t kSmallGemmMaxRowsBf16TN = 64;       // Intel without AMX
+constexpr int64_t kSmallGemmMaxRowsBf16TNOther = 64;  // not Intel (proxy, see above)
 // Rows x columns of one tile of the transposed-layout backward elementwise pass.
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileCols = 256;
@@ -194,6 +210,28 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// True when every page of t's data is resident (Linux mincore): memory written before (a block
+// the allocator recycled), not fresh pages that the first store faults in, the kernel zeroing them
+// through the cache. Picks the stores of the bf16 small-K kernel: streaming into resident pages
+// (the whole backward 1.25x faster than plain stores at 8 rows per expert, 1.1x at 16-32, H=1024),
+// plain into fresh ones (streaming there: 1.2x slower at 8 rows, 1.1x at 16-32). True where it
+// cannot tell.
+bool pages_resident(const at::Tensor& t) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes();
+  std::vector<unsigned char> resident((end - begin + page - 1) / page);
+  if (mincore(reinterpret_cast<void*>(begin), end - begin, resident.data()) != 0) return true;
+  for (unsigned char r : resident) {
+    if (!(r & 1)) return false;
+  }
+#else
+  (void)t;
+#endif
+  return true;
+}
+
 // out = a @ b for row-major a [r, K], b [K, N] (contiguous rows): the own small-M kernels when they
 // are the faster ones (fp32 under `max_rows`; bf16 under the bf16 NN limit, their fp32 results
 // rounded to bf16 through `scratch` as at::mm rounds), else at::mm_out.
@@ -217,13 +255,15 @@ void mm_nn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t ma
 }
 
 // out = a^T @ b for row-major a [r, M], b [r, N] (contiguous rows), out [M, N] contiguous: the
-// own small-K kernels when they are the faster ones (bf16 on AMX, rounded from fp32 as at::mm
-// rounds; fp32 under `max_rows`), else at::mm_out.
+// own small-K kernels when they are the faster ones (bf16 on AMX first, then bf16 on VDPBF16PS
+// under the bf16 TN limit, both rounded from fp32 as at::mm rounds; fp32 under `max_rows`), else
+// at::mm_out.
 void mm_tn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t max_rows,
            Scratch& scratch) {
   using bf16 = c10::BFloat16;
   const int64_t r = a.size(0), M = a.size(1), N = b.size(1);
   const bool rows_ok = a.stride(1) == 1 && b.stride(1) == 1 && out.is_contiguous();
+  const int64_t bf16_rows = row_limit(kSmallGemmMaxRowsBf16TN, kSmallGemmMaxRowsBf16TNOther);
   if (rows_ok && amx_weight_grads(a.scalar_type(), r)) {
     const int64_t kp = round_up(r, 32), np = round_up(N, 32);
     bf16* at = scratch.bf16s(0, round_up(M, 16) * kp);
@@ -233,7 +273,11 @@ void mm_tn(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t ma
     amx::gemm_tn(at, M, r, bv, N, out.data_ptr<bf16>(), out.stride(0));
   } else if (rows_ok && small_gemm(a.scalar_type(), r, max_rows)) {
     cpu_math::gemm_tn_small_k(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
-                              out.data_ptr<float>(), out.stride(0), a.size(1), b.size(1), r);
+                              out.data_ptr<float>(), out.stride(0), M, N, r);
+  } else if (rows_ok && small_gemm_bf16(a.scalar_type(), r, bf16_rows)) {
+    ADAMOE_SCOPE("gemm_tn_bf16");
+    cpu_math::gemm_tn_small_k(a.data_ptr<bf16>(), a.stride(0), b.data_ptr<bf16>(), b.stride(0),
+                              out.data_ptr<bf16>(), out.stride(0), M, N, r, pages_resident(out));
   } else {
     at::mm_out(out, a.t(), b);
   }
