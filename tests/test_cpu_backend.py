@@ -260,7 +260,7 @@ MOE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS, ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("T,n,m,k,H,I,null_bias,empty_expert,normalize,null_kind", MOE_CASES)
 def test_moe_mlp_matches_reference(T, n, m, k, H, I, null_bias, empty_expert, normalize, null_kind,
                                    dtype, atol, rtol):
@@ -472,9 +472,11 @@ def test_amx_kernels_run_forward_and_backward():
     assert calls.get("aten::mm", 0) == 2 * busy, calls
 
 
-def test_amx_results_do_not_depend_on_thread_count():
-    """The AMX kernels sum each output element in a fixed order: bitwise equal results."""
-    _amx_or_skip()
+@pytest.mark.parametrize("kernels", ["amx", "tn_bf16"])
+def test_bf16_own_kernels_do_not_depend_on_thread_count(kernels):
+    """The AMX kernels, and without AMX the VDPBF16PS small-K weight-gradient kernel, sum each
+    output element in a fixed order: bitwise equal results for one and two threads."""
+    (_amx_or_skip if kernels == "amx" else _tn_bf16_or_skip)()
     T, n, m, k, H, I = 90, 3, 2, 2, 64, 64
     lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.bfloat16, null_bias=0.3)
     gy = torch.randn(T, H)
@@ -483,3 +485,116 @@ def test_amx_results_do_not_depend_on_thread_count():
     assert torch.equal(y1, y2)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+# ---- the bf16 weight gradients on the VDPBF16PS small-K kernel (AVX512_BF16 without AMX) ------
+
+def _tn_bf16_or_skip():
+    from adamoe_kernels.ops.cpu import cpu_features
+
+    f = cpu_features()
+    if f["amx_bf16"] or not f["avx512_bf16"]:
+        pytest.skip("the bf16 small-K kernel takes the weight gradients on AVX512_BF16 CPUs "
+                    "without AMX (on an AMX CPU: ADAMOE_CPU_NO_AMX=1, see "
+                    "test_bf16_kernels_without_amx)")
+
+
+def _exact_bf16_case(T, n, H, I, seed):
+    """A top-1 bf16 layer whose weight gradients are exact integer sums (|x| < 2^24): x in
+    {-1, 0, 1} with x[:, 0] = 1, gate rows that read only that column (g = 22..30, so
+    silu(g) = g and silu'(g) = 1 in fp32), up rows of four +-1 entries (|u| <= 4), one +-1 per
+    column of down (so |G| = |dy @ down| <= 3), routing weights 1, dy in [-3, 3]: every bf16
+    intermediate (g, u, h <= 120, G, dg, du <= 90) is exact, so each weight-gradient element must
+    be its exact sum rounded once to bf16 (nearest even), whatever the kernel's summation order."""
+    g = torch.Generator().manual_seed(seed)
+    lg = torch.randn(T, n, generator=g)
+    x = torch.randint(-1, 2, (T, H), generator=g).float()
+    x[:, 0] = 1
+    gu = torch.zeros(n, 2 * I, H)
+    gu[:, :I, 0] = 22 + torch.arange(I) % 9
+    dn = torch.zeros(n, H, I)
+    for e in range(n):
+        for i in range(I):
+            cols = 1 + torch.randperm(H - 1, generator=g)[:4]
+            gu[e, I + i, cols] = torch.randint(0, 2, (4,), generator=g).float() * 2 - 1
+    rows = torch.randint(0, H, (n, I), generator=g)
+    signs = torch.randint(0, 2, (n, I), generator=g).float() * 2 - 1
+    dn.scatter_(1, rows[:, None, :], signs[:, None, :])
+    gy = torch.randint(-3, 4, (T, H), generator=g).float()
+    return lg, x.bfloat16(), gu.bfloat16(), dn.bfloat16(), gy.bfloat16()
+
+
+# (T, n, H, I): H, I not multiples of 16 (row and column tails of both weight gradients), odd row
+# counts. Up to 64 rows per expert (the small-K kernel's row limit): ~12 rows; ~50 rows with
+# H = 1100 (two B panels of d gate_up_proj) and 2I = 302 (three row blocks, the last with a tail).
+# ~300 rows: at::mm (or AMX's row limit), the same exactness.
+EXACT_CASES = [(37, 3, 18, 40), (101, 2, 1100, 151), (601, 2, 20, 200)]
+
+
+@pytest.mark.parametrize("T,n,H,I", EXACT_CASES)
+def test_bf16_weight_grads_exactly_rounded(T, n, H, I):
+    """bf16 d gate_up_proj and d down_proj equal the fp32 reference rounded to bf16, bit for bit,
+    on data whose sums are exact (_exact_bf16_case): this checks the pairing of the rows, the odd
+    last row and the rounding (nearest even; integer sums hit ties) of whichever kernel runs."""
+    lg, x, gu, dn, gy = _exact_bf16_case(T, n, H, I, seed=T)
+    r = ak.route(lg, 1, n, backend="cpu")
+    counts = r.expert_counts.tolist()
+    assert any(c % 2 == 1 for c in counts), counts  # an odd K: the half pair
+    ones = torch.ones_like(r.topk_weights)
+    routing = ak.Routing(r.topk_ids, ones, r.expert_counts, r.expert_offsets, r.sorted_slots,
+                         "true")
+    grads = []
+    for upcast, fn in ((False, ak.moe_mlp), (True, reference.moe_mlp)):
+        leaves = [t.float() if upcast else t for t in (gu, dn)]
+        leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        kw = {"backend": "cpu"} if fn is ak.moe_mlp else {}
+        y = fn(x.float() if upcast else x, *leaves, routing, **kw)
+        grads.append(torch.autograd.grad(y, leaves, gy.to(y.dtype)))
+    for name, got, want in zip(("d gate_up_proj", "d down_proj"), *grads):
+        assert got.dtype == torch.bfloat16
+        want = want.bfloat16()
+        assert torch.equal(got, want), (name, int((got != want).sum()), got.numel())
+
+
+def test_bf16_tn_kernel_engages():
+    """Without AMX the bf16 weight gradients of experts up to the row limit run on the own small-K
+    kernel (its profiler scope, two per expert with rows); the other bf16 GEMMs stay on at::mm."""
+    _tn_bf16_or_skip()
+    T, n, m, k, H, I = 64, 4, 2, 3, 64, 96
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, torch.bfloat16)
+    counts = ak.route(lg, k, n, backend="cpu").expert_counts
+    busy = int((counts > 0).sum())
+    assert int(counts.max()) <= 64  # under the row limit on every CPU vendor
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _run("cpu", lg, x, gu, dn, k, n, "true", "zero", torch.randn(T, H))
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("adamoe_cpu::gemm_tn_bf16", 0) == 2 * busy, calls
+    assert calls.get("adamoe_cpu::amx_gemm_tn", 0) == 0
+
+
+def test_bf16_kernels_without_amx():
+    """ADAMOE_CPU_NO_AMX=1 (in a subprocess: the switch is read once per process): the bf16 cases
+    of this file run with the kernels of an AVX512_BF16 CPU without AMX (AMD Zen 4, older Xeons),
+    so on an AMX machine the small-K weight-gradient kernel is exercised, and it must engage."""
+    import os
+    import subprocess
+    import sys
+
+    from adamoe_kernels.ops.cpu import cpu_features
+
+    if not cpu_features()["avx512_bf16"]:
+        pytest.skip("no AVX512_BF16 on this CPU")
+    if not cpu_features()["amx_bf16"]:
+        pytest.skip("no AMX here: the bf16 tests above already run without it")
+    select = ("bfloat16 or bf16_weight_grads_exactly or bf16_tn_kernel_engages "
+              "or bf16_own_kernels_do_not_depend")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__,
+           "-k", f"({select}) and not without_amx and not kernel_switches"]
+    res = subprocess.run(cmd, env=dict(os.environ, ADAMOE_CPU_NO_AMX="1"), capture_output=True,
+                         text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    passed = [line for line in out.splitlines() if line.startswith("PASSED")]
+    for name in ("test_bf16_tn_kernel_engages", "test_bf16_weight_grads_exactly_rounded",
+                 "test_bf16_own_kernels_do_not_depend_on_thread_count[tn_bf16]"):
+        assert any(name in line for line in passed), out[-4000:]
