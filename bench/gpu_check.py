@@ -20,7 +20,7 @@ step is logged and the next one starts on a fresh CUDA context); the timeouts ad
 5. ``layer``: ``bench/layer_speedup.py`` at the Mixtral shape (H=4096, I=14336, n=8, bf16),
    T=4096 then T=16384, top-2 vs m8k3/m16k4 at L in {2, 1.66, 1, 0.5, 0.25}, fwd and fwd+bwd
    (interleaved CUDA-event medians), the Triton kernels' registers/spills as the GPU compiled them;
-6. ``kernels``: ``bench/kernels.py`` at the Mixtral shape, T=4096: grouped-GEMM TFLOP/s of
+6. ``kernels``: ``bench/kernel_bench.py`` at the Mixtral shape, T=4096: grouped-GEMM TFLOP/s of
    adamoe vs dense ``torch.mm`` on the same rows, ``torch._grouped_mm``, transformers' eager,
    ``grouped_mm`` (and ``sonicmoe`` where it loads) experts; ``ak.route`` vs torch ops; the
    routing share of the layer at T=4096;
@@ -362,9 +362,16 @@ def step_env(st: Step) -> None:
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "git_commit": provenance._git_commit(), "cpu": provenance.cpu_model_name(),
            "cpu_count": os.cpu_count(), "device_slug": provenance.device_name(dev)}
-    for mod in ("transformers", "numpy", "xdist", "pytest_timeout", "kernels"):
+    for mod in ("transformers", "numpy", "xdist", "pytest_timeout"):
         res[f"has_{mod}"] = _importable(mod)
     res["versions"] = {m: provenance._version(m) for m in ("transformers", "numpy")}
+    from adamoe_kernels import support
+
+    res["tested_range"] = support.check_versions()
+    res["inside_tested_range"] = all(r["ok"] for r in res["tested_range"])
+    print(("versions inside the tested range: " if res["inside_tested_range"] else
+           "WARNING: versions outside the tested range (results may not hold): ")
+          + support.describe(res["tested_range"]), flush=True)
     if dev.type == "cuda":
         res["device"] = gpu.device_info(dev)
         res["nvidia_smi"] = gpu.nvidia_smi()
@@ -376,6 +383,9 @@ def step_env(st: Step) -> None:
                        f"{c['copy_tb_s']:.2f} TB/s, bf16 mm {c['bf16_mm_tflops']:.0f} TFLOP/s")
     else:
         res["note"] = f"CPU only ({res['cpu']}); dry run"
+    res["note"] += ("; versions in the tested range" if res["inside_tested_range"] else
+                    "; versions OUTSIDE the tested range: " + support.describe(
+                        [r for r in res["tested_range"] if not r["ok"]]))
     print(json.dumps(res, indent=1, default=str))
     st.report(**res)
 
@@ -502,7 +512,7 @@ def step_nosync(st: Step) -> None:
     import torch.nn.functional as F
 
     import adamoe_kernels as ak
-    import kernels
+    import kernel_bench
     from harness import gpu
 
     dev = _device()
@@ -510,7 +520,7 @@ def step_nosync(st: Step) -> None:
     dtypes = ["bfloat16", "float16", "float32"] if dev.type == "cuda" else ["float32"]
     for name in dtypes:
         res["sync"].append({"what": "route + moe_mlp fwd+bwd",
-                            **kernels.sync_check(dev, getattr(torch, name), "triton")})
+                            **kernel_bench.sync_check(dev, getattr(torch, name), "triton")})
         st.report(**res)
     T, H, I = st.plan["sync_shape"]
     dtype = getattr(torch, st.plan["dtype"])
@@ -754,14 +764,14 @@ def layer_speedup_floor() -> str:
 
 
 def step_kernels(st: Step) -> None:
-    import kernels
+    import kernel_bench
 
     p = st.plan
     tmp = Path(st.args.result).parent / "kernels"
     argv = _bench_argv(st) + p["kernels_args"] + ["--out", str(tmp)]
     if st.mode == "dry":
         argv += ["--hidden", str(p["H"]), "--intermediate", str(p["I"])]
-    res = kernels.main(argv)
+    res = kernel_bench.main(argv)
     for suffix in (".json", ".png"):
         src = tmp / f"kernels{suffix}"
         if src.exists():

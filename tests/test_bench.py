@@ -13,13 +13,13 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(BENCH))  # appended: nothing here may shadow an installed module
 
 cli = importlib.import_module("harness.cli")
 provenance = importlib.import_module("harness.provenance")
 workload = importlib.import_module("harness.workload")
 layer_speedup = importlib.import_module("layer_speedup")
-kernels = importlib.import_module("kernels")
+kernel_bench = importlib.import_module("kernel_bench")
 finetune_step = importlib.import_module("finetune_step")
 load_dial = importlib.import_module("load_dial")
 make_readme_table = importlib.import_module("make_readme_table")
@@ -109,14 +109,14 @@ def test_layer_speedup_cpu_breakdown(tmp_path):
 
 
 def test_kernels(tmp_path):
-    res = kernels.main(FAST + ["--hidden", "32", "--intermediate", "64", "--tokens", "64",
+    res = kernel_bench.main(FAST + ["--hidden", "32", "--intermediate", "64", "--tokens", "64",
                                "--route-tokens", "256", "--loads", "1.0", "--out", str(tmp_path)])
     payload = _load(res["json"])
     assert payload["sync_check"]["checked"] is False  # CPU
     route = [r for r in payload["rows"] if r["part"] == "route"]
     gemm = [r for r in payload["rows"] if r["part"] == "gemm"]
     assert {r["config"] for r in route} == {"top2", "m8k3", "m16k4"}
-    assert {r["impl"] for r in gemm} == set(kernels.IMPLS)
+    assert {r["impl"] for r in gemm} == set(kernel_bench.IMPLS)
     for r in gemm:
         if "skipped" in r:
             continue

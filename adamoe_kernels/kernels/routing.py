@@ -109,12 +109,13 @@ def route_topk_kernel(
     b_is_null = tl.where(b_true | (o_k[None, :] >= K) | (~m_t[:, None]), 0, 1)  # null or dropped
     b_null_tok = tl.sum(b_is_null, axis=1)                                         # [BLOCK_T]
     b_null_excl = tl.cumsum(b_null_tok, axis=0) - b_null_tok
-    b_null_before = tl.cumsum(b_is_null, axis=1) - b_is_null   # null slots of the token before j
     b_rank = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for j in tl.static_range(K):
         b_id_j = tl.sum(tl.where(o_k[None, :] == j, b_ids, 0), axis=1)
         b_rank_true = tl.sum(tl.where(o_e[None, :] == b_id_j[:, None], b_excl, 0), axis=1)
-        b_rank_null = b_null_excl + tl.sum(tl.where(o_k[None, :] == j, b_null_before, 0), axis=1)
+        # Null slots of the token before slot j: a masked sum, not tl.cumsum over the slot axis
+        # (Triton 3.6 cannot lower that scan for the layout a 16-bit logits load gives it).
+        b_rank_null = b_null_excl + tl.sum(tl.where(o_k[None, :] < j, b_is_null, 0), axis=1)
         b_rank_j = tl.where(b_id_j < N_TRUE, b_rank_true, b_rank_null)
         b_rank = tl.where(o_k[None, :] == j, b_rank_j[:, None], b_rank)
     tl.store(slot_rank_ptr + o_out, b_rank, mask=m_out)

@@ -17,7 +17,7 @@
 On CUDA, also checks that ``ak.route`` + ``ak.moe_mlp`` (forward and backward) make no host sync,
 with ``torch.cuda.set_sync_debug_mode("error")``.
 
-    python bench/kernels.py --quick
+    python bench/kernel_bench.py --quick
 """
 
 from __future__ import annotations
