@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from harness import cli, gpu, plotting, provenance, results, timing, workload  # noqa: E402
 import adamoe_kernels as ak  # noqa: E402
 
-SCRIPT = "kernels"
+SCRIPT = "kernels"  # result stem (kernels.json/.png) and README key: kept from before the rename
 NUM_EXPERTS = 8
 
 GPU_SHAPE, GPU_QUICK_SHAPE = ("mixtral-8x7b", 4096, 14336, 4096), ("mixtral-half", 2048, 7168, 4096)

@@ -38,6 +38,7 @@ LAYERS = {
     f"{PACKAGE}.moe": 2,
     f"{PACKAGE}.lora": 2,
     f"{PACKAGE}.losses": 2,
+    f"{PACKAGE}.support": 2,      # the tested version range (standard library only)
     f"{PACKAGE}.integrations": 3,  # models: nn.Modules, load dial, transformers
     f"{PACKAGE}.training": 4,     # fine-tuning command, expert parallelism
     PACKAGE: 5,                   # __init__: re-exports the public names, imported by nobody inside
