@@ -72,6 +72,9 @@ def debug_checks_enabled() -> bool:
 def check_tensor(name: str, x, ndim: int | None = None, dtypes=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (it holds no data); adamoe_kernels needs CPU "
+                         "or CUDA tensors")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
@@ -216,6 +219,54 @@ def check_routing(routing, num_tokens: int, num_experts: int) -> None:
         if t.device != routing.topk_ids.device:
             raise ValueError(f"{name} is on {t.device} but routing.topk_ids is on {ids.device}")
 
+
+
+def check_routing_values(routing: Routing, force: bool = False) -> None:
+    """Check that a ``Routing``'s tensors agree with each other (reads the data).
+
+    ``topk_ids >= 0``; ``expert_counts`` counts the true slots (ids ``< n``) per expert;
+    ``expert_offsets`` is its exclusive prefix sum; ``sorted_slots`` is a permutation of
+    ``[0, T*k)`` whose first ``expert_offsets[n]`` entries are the true slots, each inside its
+    expert's segment, and whose tail is the null slots. ``route`` always returns such a Routing;
+    this catches one built or edited by hand before a kernel indexes with it. Runs on CPU
+    tensors, on CUDA only when asked (``ADAMOE_DEBUG=1`` or ``force``: a host sync), never
+    while ``torch.compile`` traces.
+    """
+    if _is_compiling():
+        return
+    ids = routing.topk_ids
+    if ids.device.type != "cpu" and not (force or debug_checks_enabled()):
+        return
+    n = routing.expert_counts.shape[0]
+    flat = ids.reshape(-1).long()
+    num_slots = flat.numel()
+    if num_slots and int(flat.min()) < 0:
+        raise ValueError("routing.topk_ids holds a negative expert id")
+    is_true = flat < n
+    counts = torch.bincount(torch.where(is_true, flat, n), minlength=n + 1)[:n]
+    if not torch.equal(routing.expert_counts.long(), counts):
+        raise ValueError("routing.expert_counts does not count the true slots of routing.topk_ids "
+                         "per expert (make the Routing with adamoe_kernels.route)")
+    offsets = torch.zeros(n + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    if not torch.equal(routing.expert_offsets.long(), offsets):
+        raise ValueError("routing.expert_offsets must be the exclusive prefix sum of "
+                         "routing.expert_counts, starting at 0")
+    slots = routing.sorted_slots.long()
+    if num_slots and (int(slots.min()) < 0 or int(slots.max()) >= num_slots):
+        raise ValueError(f"routing.sorted_slots entries must be flat slot ids in [0, T*k = "
+                         f"{num_slots})")
+    if not bool((torch.bincount(slots, minlength=num_slots) == 1).all()):
+        raise ValueError("routing.sorted_slots must hold every flat slot id exactly once (a "
+                         "permutation of [0, T*k)); it repeats or misses one")
+    # Position p of sorted_slots lies in the segment of expert `segment[p]` (n: the null tail).
+    segment = torch.repeat_interleave(torch.arange(n + 1, device=ids.device),
+                                      torch.cat([counts, (~is_true).sum().reshape(1)]))
+    slot_group = torch.where(is_true, flat, n)[slots]
+    if not torch.equal(slot_group, segment):
+        raise ValueError("routing.sorted_slots must list the true slots grouped by expert "
+                         "(expert 0 first, each inside its expert_offsets segment), then the null "
+                         "slots (make the Routing with adamoe_kernels.route)")
 
 
 def check_moe_lora_args(x, lora_A, lora_B, routing, scaling) -> None:

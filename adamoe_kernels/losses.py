@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._contract import check_route_args, check_tensor
+from .reference import topk_lower_index_first
 
 
 def _stack_layers(router_logits):
@@ -27,9 +28,16 @@ def null_aware_aux_loss(router_logits, top_k: int, num_experts: int,
     as ``transformers`` does; with ``m = 0`` this is exactly its Mixtral load-balancing loss.
     Multiply by α outside (see ``AlphaSchedule``). Differentiable w.r.t. the logits (through P);
     no host synchronisation. Returns a 0-d float32 tensor.
+    An empty batch or an all-zero ``attention_mask`` (no row counts) gives 0, with a (zero)
+    gradient path to the logits.
     """
     hits, prob_sum, rows = aux_loss_terms(router_logits, top_k, num_experts, attention_mask)
-    return aux_loss_from_terms(hits, prob_sum / rows, rows, num_experts)
+    return aux_loss_from_terms(hits, prob_sum / _counted(rows), rows, num_experts)
+
+
+def _counted(rows: torch.Tensor) -> torch.Tensor:
+    """``rows``, or 1 where no row counts (then every sum over rows is 0 and so is the loss)."""
+    return torch.where(rows > 0, rows, torch.ones_like(rows))
 
 
 def aux_loss_terms(router_logits, top_k: int, num_experts: int,
@@ -66,7 +74,7 @@ def aux_loss_terms(router_logits, top_k: int, num_experts: int,
     else:
         row_weight = torch.ones(rows, dtype=torch.float32, device=device)
     probs = torch.softmax(logits.float(), dim=-1)
-    _, ids = torch.topk(probs.detach(), top_k, dim=-1)
+    _, ids = topk_lower_index_first(probs.detach(), top_k)  # ties as route breaks them
     hits = torch.zeros(total, dtype=torch.float32, device=device)
     hits = hits.scatter_add(0, ids.reshape(-1), row_weight.repeat_interleave(top_k))
     return hits, (probs * row_weight[:, None]).sum(0), row_weight.sum()
@@ -77,7 +85,7 @@ def aux_loss_from_terms(hits: torch.Tensor, probs: torch.Tensor, rows: torch.Ten
     """``(n+m) * sum_i f~_i probs_i`` with ``f = hits / rows`` (``aux_loss_terms``); ``probs`` is
     the mean probability ``P`` (or, on one data-parallel rank, its share of the global ``P``)."""
     total = hits.shape[0]
-    f = hits / rows
+    f = hits / _counted(rows)
     m = total - num_experts
     if m > 0:
         null_share = f[num_experts:].mean()

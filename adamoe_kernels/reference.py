@@ -4,7 +4,8 @@ Every kernel in this package is tested against these functions. They favour clar
 (boolean masks, per-expert Python loops, host syncs) and follow ``shared/DESIGN.md`` exactly:
 
 * experts ``0..n-1`` are true, ``n..n+m-1`` are null (cost nothing);
-* ``route`` takes the top-k of ``softmax(router_logits.float())`` over all ``n+m`` experts;
+* ``route`` takes the top-k of ``softmax(router_logits.float())`` over all ``n+m`` experts, an
+  exact tie going to the lower index (a true expert before a null one);
 * ``moe_mlp`` runs only the true assignments, Mixtral layout
   ``E_e(x) = down_e (silu(gate_e x) * up_e x)`` with ``gate, up = (gate_up_proj[e] x).chunk(2)``;
 * ``null_aware_aux_loss`` is the paper's eq. 6 (null experts share their mean load).
@@ -19,19 +20,37 @@ from ._contract import (Routing, check_moe_lora_args, check_moe_mlp_args, check_
                         check_tensor)
 
 
+def topk_lower_index_first(scores: torch.Tensor, top_k: int):
+    """``(values, ids)`` of the ``top_k`` largest scores per row, descending; equal scores go to
+    the lower index (so an exact tie between a true and a null expert picks the true one).
+
+    ``torch.topk`` leaves the order of ties unspecified; a stable descending sort does not.
+    """
+    values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[:, :top_k], ids[:, :top_k]
+
+
 def normalize_topk(topk_probs: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
-                   normalize: str) -> torch.Tensor:
-    """Routing weights from the top-k probabilities ``[T, k]`` (DESIGN.md, semantics 2)."""
+                   normalize: str, topk_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Routing weights from the top-k probabilities ``[T, k]`` (DESIGN.md, semantics 2).
+
+    ``"true"`` is ``p_j / sum_true p``, computed as a softmax of the selected true logits
+    ``topk_logits`` (the softmax normaliser cancels), so it stays finite with a finite gradient
+    when every true probability underflows in fp32 (a null logit ~88 above them). A token whose
+    top-k is all null gets all-zero weights and a zero gradient.
+    """
     if normalize == "none":
         return topk_probs
     if normalize == "all":
         return topk_probs / topk_probs.sum(-1, keepdim=True)
+    if topk_logits is None:
+        raise ValueError('normalize="true" needs topk_logits (the selected slots\' logits)')
     is_true = topk_ids < num_experts
-    true_probs = torch.where(is_true, topk_probs, torch.zeros_like(topk_probs))
-    denom = true_probs.sum(-1, keepdim=True)
-    # A token whose top-k is all null gets all-zero weights (and a finite, zero gradient).
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return true_probs / safe
+    any_true = is_true.any(-1, keepdim=True)
+    z = torch.where(is_true, topk_logits.float(), torch.full_like(topk_logits, float("-inf")))
+    # All-null rows: a finite dummy row (weights masked to 0 below), so neither pass sees -inf - -inf.
+    z = torch.where(any_true, z, torch.zeros_like(z))
+    return torch.where(is_true, torch.softmax(z, dim=-1), torch.zeros_like(z))
 
 
 def group_slots(topk_ids: torch.Tensor, num_experts: int):
@@ -65,16 +84,22 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
         select = probs
     else:
         select = torch.softmax(router_logits.float() + selection_bias.float(), dim=-1)
-    select_top, topk_ids = torch.topk(select, top_k, dim=-1)
+    select_top, topk_ids = topk_lower_index_first(select, top_k)
     topk_probs = probs.gather(1, topk_ids)
+    topk_logits = router_logits.float().gather(1, topk_ids)
     if top_p is not None:
         keep = (torch.cumsum(select_top, dim=-1) - select_top) < top_p
         topk_ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, probs.shape[1]))
         topk_probs = torch.where(keep, topk_probs, torch.zeros_like(topk_probs))
-    weights = normalize_topk(topk_probs, topk_ids, num_experts, normalize)
+    weights = normalize_topk(topk_probs, topk_ids, num_experts, normalize, topk_logits)
     counts, offsets, sorted_slots = group_slots(topk_ids, num_experts)
     return Routing(topk_ids=topk_ids.int(), topk_weights=weights, expert_counts=counts,
                    expert_offsets=offsets, sorted_slots=sorted_slots, normalize=normalize)
+
+
+def _zero_through(*tensors: torch.Tensor) -> torch.Tensor:
+    """A float32 0-d exact zero with a (zero) gradient path to each tensor: sums of empty slices."""
+    return sum(t[:0].float().sum() for t in tensors)
 
 
 def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -91,6 +116,9 @@ def moe_mlp(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     ids = routing.topk_ids.long()
     weights = routing.topk_weights
     y = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    # An exact 0 that depends on every differentiable input, so the output has a gradient (zero)
+    # even when no token has a true assignment (T = 0 or all-null), as on the other backends.
+    y = y + _zero_through(hidden, gate_up_proj, down_proj, weights)
     for e in range(n):
         token_idx, slot_idx = torch.where(ids == e)
         if token_idx.numel() == 0:
@@ -124,7 +152,7 @@ def null_aware_aux_loss(router_logits, top_k: int, num_experts: int,
     device = layers[0].device
     logits = torch.cat([lg.to(device) for lg in layers], dim=0).float()
     probs = torch.softmax(logits, dim=-1)
-    _, ids = torch.topk(probs, top_k, dim=-1)
+    _, ids = topk_lower_index_first(probs, top_k)
     chosen = F.one_hot(ids, total).float().sum(1)  # [rows, n+m], 0/1
     if attention_mask is None:
         mask = torch.ones(logits.shape[0], device=device)
@@ -137,7 +165,10 @@ def null_aware_aux_loss(router_logits, top_k: int, num_experts: int,
                 f"that many rows; got {logits.shape[0]} rows over {len(layers)} layer(s)"
             )
         mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32).repeat(len(layers))
+    # No row counts (an empty batch, an all-zero mask): f = P = 0 and the loss is 0, with a
+    # gradient path to the logits (zero), instead of 0 / 0.
     rows = mask.sum()
+    rows = torch.where(rows > 0, rows, torch.ones_like(rows))
     f = (chosen * mask[:, None]).sum(0) / rows
     P = (probs * mask[:, None]).sum(0) / rows
     m = total - num_experts
@@ -157,6 +188,7 @@ def moe_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, routin
     ids = routing.topk_ids.long()
     weights = routing.topk_weights
     y = torch.zeros((x.shape[0], lora_B.shape[1]), dtype=torch.float32, device=x.device)
+    y = y + _zero_through(x, lora_A, lora_B, weights)
     for e in range(n):
         token_idx, slot_idx = torch.where(ids == e)
         if token_idx.numel() == 0:

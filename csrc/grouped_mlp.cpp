@@ -388,7 +388,9 @@ Groups make_groups(const at::Tensor& hidden, const at::Tensor& gate_up, const at
     for (int64_t e = e0; e < e1; ++e) {
       for (int64_t p = g.off[e]; p < g.off[e + 1]; ++p) {
         const int64_t s = sl[p];
-        if (s < 0 || s >= S || id[s] != e) {
+        // A slot belongs to expert id[s] only, so each pos[s] is written by one thread: a
+        // repeated slot (pos already set) is caught without a race.
+        if (s < 0 || s >= S || id[s] != e || g.pos[s] != -1) {
           bad = true;
           return;
         }
@@ -400,7 +402,7 @@ Groups make_groups(const at::Tensor& hidden, const at::Tensor& gate_up, const at
   });
   TORCH_CHECK_VALUE(!bad, "sorted_slots/expert_offsets do not match topk_ids: the first "
                     "expert_offsets[n] entries of sorted_slots must be the true slots grouped by "
-                    "expert (use adamoe_kernels.route)");
+                    "expert, each once (use adamoe_kernels.route)");
   // Every true slot must have a row (the null slots never do).
   int64_t n_true = 0;
   for (int64_t s = 0; s < S; ++s) {

@@ -388,17 +388,23 @@ LoraRouting read_routing(int64_t n, const at::Tensor& ids_in, const at::Tensor& 
   const int32_t* id = g.id();
   const int32_t* sl = g.slot();
   std::atomic<bool> bad{false};
+  // A slot belongs to expert id[s] only, so each seen[s] is written by one thread.
+  std::vector<uint8_t> seen(g.S, 0);
   at::parallel_for(0, n, 1, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1 && !bad; ++e) {
       for (int64_t a = g.off[e]; a < g.off[e + 1]; ++a) {
         const int64_t s = sl[a];
-        if (s < 0 || s >= g.S || id[s] != e) bad = true;
+        if (s < 0 || s >= g.S || id[s] != e || seen[s]) {
+          bad = true;
+          break;
+        }
+        seen[s] = 1;
       }
     }
   });
   TORCH_CHECK_VALUE(!bad, "sorted_slots/expert_offsets do not match topk_ids: the first "
                     "expert_offsets[n] entries of sorted_slots must be the true slots grouped by "
-                    "expert (use adamoe_kernels.route)");
+                    "expert, each once (use adamoe_kernels.route)");
   int64_t n_true = 0, negative = 0;
   for (int64_t s = 0; s < g.S; ++s) {
     n_true += id[s] >= 0 && id[s] < n;

@@ -119,6 +119,27 @@ inline void softmax_biased_row(const scalar_t* x, const float* bias, int64_t N, 
   softmax_row(select, N, select);
 }
 
+// normalize="true" weights of one token: w_j = p_j / sum_true p, computed as a softmax of the
+// selected true slots' logits (the softmax normaliser cancels), so it cannot underflow when every
+// true probability is denormal in fp32. Null and dropped slots (id >= n) get 0; so does an
+// all-null token. Same arithmetic as reference.normalize_topk.
+template <typename scalar_t>
+inline void true_slot_softmax(const scalar_t* x, const int32_t* id, int64_t k, int64_t n,
+                              float* w) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < k; ++j) {
+    if (id[j] < n) mx = std::max(mx, static_cast<float>(x[id[j]]));
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < k; ++j) {
+    w[j] = id[j] < n ? std::exp(static_cast<float>(x[id[j]]) - mx) : 0.f;
+    sum += w[j];
+  }
+  if (sum > 0.f) {
+    for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+  }
+}
+
 // Top-p cut of one token's top-k: slot j stays while the selection mass of slots 0..j-1 is below
 // top_p; a dropped slot gets id N (= n+m, "no expert") and probability 0. The mass is computed as
 // reference.route does (torch.cumsum on CPU accumulates fp32 in double, rounds to fp32, then the
@@ -162,19 +183,16 @@ void route_blocks(const scalar_t* logits, int64_t T, int64_t N, int64_t k, int64
         topk_row(sel, probs.data(), N, k, scratch.data(), id, vals.data(),
                  kTopP ? sel_vals.data() : nullptr);
         if constexpr (kTopP) top_p_row(sel_vals.data(), N, k, top_p, id, vals.data());
-        float denom = 0.f;
-        for (int64_t j = 0; j < k; ++j) {
-          if (norm == Normalize::kAll || id[j] < n) denom += vals[j];
-        }
-        for (int64_t j = 0; j < k; ++j) {
-          const bool is_true = id[j] < n;
-          switch (norm) {
-            case Normalize::kNone: w[j] = vals[j]; break;
-            case Normalize::kAll: w[j] = vals[j] / denom; break;
-            case Normalize::kTrue: w[j] = (is_true && denom > 0.f) ? vals[j] / denom : 0.f; break;
+        if (norm == Normalize::kTrue) {
+          true_slot_softmax(logits + t * N, id, k, n, w);
+        } else {
+          float denom = 0.f;
+          for (int64_t j = 0; j < k; ++j) denom += vals[j];
+          for (int64_t j = 0; j < k; ++j) {
+            w[j] = norm == Normalize::kNone ? vals[j] : vals[j] / denom;
           }
-          cnt[is_true ? id[j] : n] += 1;
         }
+        for (int64_t j = 0; j < k; ++j) cnt[id[j] < n ? id[j] : n] += 1;
       }
     }
   });
@@ -268,32 +286,37 @@ void route_backward_rows(const float* grad_w, const scalar_t* logits, const int3
   at::parallel_for(0, T, kRouteBlockTokens, [&](int64_t t0, int64_t t1) {
     std::vector<float> probs(N), dprobs(N), dq(k);
     for (int64_t t = t0; t < t1; ++t) {
-      softmax_row(logits + t * N, N, probs.data());
       const int32_t* id = ids + t * k;
       const float* g = grad_w + t * k;
+      scalar_t* out = grad_logits + t * N;
+      if (norm == Normalize::kTrue) {
+        // w = softmax of the selected true logits: dz_j = w_j (g_j - <g, w>) on the true slots,
+        // 0 elsewhere (no division by the true mass, which may be denormal).
+        true_slot_softmax(logits + t * N, id, k, n, dq.data());
+        float dot = 0.f;
+        for (int64_t j = 0; j < k; ++j) dot += g[j] * dq[j];
+        std::fill(out, out + N, static_cast<scalar_t>(0.f));
+        for (int64_t j = 0; j < k; ++j) {
+          if (id[j] < n) out[id[j]] = static_cast<scalar_t>(dq[j] * (g[j] - dot));
+        }
+        continue;
+      }
+      softmax_row(logits + t * N, N, probs.data());
       // d topk_probs from d weights (normalisation derivative). A slot dropped by top-p (id N)
       // has the constant probability 0: it is in no set and gets no gradient.
-      float denom = 0.f;
-      for (int64_t j = 0; j < k; ++j) {
-        if (id[j] < N && (norm == Normalize::kAll || id[j] < n)) denom += probs[id[j]];
-      }
       if (norm == Normalize::kNone) {
         for (int64_t j = 0; j < k; ++j) dq[j] = id[j] < N ? g[j] : 0.f;
-      } else if (norm == Normalize::kTrue && !(denom > 0.f)) {
-        // All-null token: weights are constant zero, so is their gradient.
-        std::fill(dq.begin(), dq.end(), 0.f);
       } else {
-        // w_j = q_j / S over the normalised set => dq_j = (g_j - sum_i g_i w_i) / S on the set.
+        // "all": w_j = q_j / S over the top-k => dq_j = (g_j - sum_i g_i w_i) / S there.
+        float denom = 0.f;
+        for (int64_t j = 0; j < k; ++j) {
+          if (id[j] < N) denom += probs[id[j]];
+        }
         float dot = 0.f;
         for (int64_t j = 0; j < k; ++j) {
-          if (id[j] < N && (norm == Normalize::kAll || id[j] < n)) {
-            dot += g[j] * (probs[id[j]] / denom);
-          }
+          if (id[j] < N) dot += g[j] * (probs[id[j]] / denom);
         }
-        for (int64_t j = 0; j < k; ++j) {
-          const bool in_set = id[j] < N && (norm == Normalize::kAll || id[j] < n);
-          dq[j] = in_set ? (g[j] - dot) / denom : 0.f;
-        }
+        for (int64_t j = 0; j < k; ++j) dq[j] = id[j] < N ? (g[j] - dot) / denom : 0.f;
       }
       // Scatter into d probs, then the softmax backward p * (dp - <p, dp>).
       std::fill(dprobs.begin(), dprobs.end(), 0.f);
@@ -303,7 +326,6 @@ void route_backward_rows(const float* grad_w, const scalar_t* logits, const int3
         dprobs[id[j]] += dq[j];
         pdp += probs[id[j]] * dq[j];
       }
-      scalar_t* out = grad_logits + t * N;
       for (int64_t c = 0; c < N; ++c) {
         out[c] = static_cast<scalar_t>(probs[c] * (dprobs[c] - pdp));
       }

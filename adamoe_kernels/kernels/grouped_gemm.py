@@ -17,13 +17,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_tile(expert_offsets_ptr, i_m, N_TRUE: tl.constexpr, BLOCK_NE: tl.constexpr,
+def _clamp_segment(lo, hi, num_slots):
+    """An expert's row range ``[lo, hi)`` from ``expert_offsets``, clamped into
+    ``[0, num_slots]`` so that no row outside ``sorted_slots`` is read whatever the offsets hold
+    (``route``'s already lie inside; a hand-built Routing is checked on CPU, not on CUDA)."""
+    lo = tl.minimum(tl.maximum(lo, 0), num_slots)
+    return lo, tl.minimum(tl.maximum(hi, lo), num_slots)
+
+
+@triton.jit
+def _row_tile(expert_offsets_ptr, i_m, num_slots, N_TRUE: tl.constexpr, BLOCK_NE: tl.constexpr,
               BLOCK_M: tl.constexpr):
     """Row tile ``i_m`` -> ``(expert, first row, end row of the expert, is a real tile)``."""
     o_e = tl.arange(0, BLOCK_NE)
     m_e = o_e < N_TRUE
     b_lo = tl.load(expert_offsets_ptr + o_e, mask=m_e, other=0)
     b_hi = tl.load(expert_offsets_ptr + o_e + 1, mask=m_e, other=0)
+    b_lo, b_hi = _clamp_segment(b_lo, b_hi, num_slots)
     b_tiles = (b_hi - b_lo + BLOCK_M - 1) // BLOCK_M
     b_end = tl.cumsum(b_tiles, axis=0)
     expert = tl.sum((b_end <= i_m).to(tl.int32), axis=0)
@@ -49,6 +59,7 @@ def grouped_gemm_kernel(
     out_ptr,             # SCATTER_OUT: [T*TOP_K, N] slot rows; else [A, N] compact; row stride stride_om
     sorted_slots_ptr,    # [T*TOP_K] int32
     expert_offsets_ptr,  # [N_TRUE + 1] int32
+    num_slots,           # T*TOP_K, the length of sorted_slots (indices read from it stay inside)
     N,
     K,
     stride_am,
@@ -77,7 +88,7 @@ def grouped_gemm_kernel(
     """
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
-    expert, row_start, row_end, is_real = _row_tile(expert_offsets_ptr, i_m, N_TRUE, BLOCK_NE,
+    expert, row_start, row_end, is_real = _row_tile(expert_offsets_ptr, i_m, num_slots, N_TRUE, BLOCK_NE,
                                                     BLOCK_M)
     if not is_real:
         return
@@ -85,6 +96,7 @@ def grouped_gemm_kernel(
     m_r = o_r < row_end
     if GATHER_A or SCATTER_OUT:
         b_slot = tl.load(sorted_slots_ptr + o_r, mask=m_r, other=0)
+        m_r = m_r & (b_slot >= 0) & (b_slot < num_slots)
     if GATHER_A:
         o_a = (b_slot // TOP_K).to(tl.int64)
     else:
@@ -133,6 +145,7 @@ def swiglu_backward_kernel(
     weights_ptr,         # [T*TOP_K] float32 routing weights, flat
     sorted_slots_ptr,    # [T*TOP_K] int32
     expert_offsets_ptr,  # [N_TRUE + 1] int32
+    num_slots,           # T*TOP_K, the length of sorted_slots (indices read from it stay inside)
     dgu_ptr,             # [A, *] out (compact rows, row stride stride_dgu): d gate at column i,
                          #   d up at column du_col + i (pre-activation grads)
     h_ptr,               # [A, *] out (compact rows, row stride stride_h): silu(gate) * up (STORE_H)
@@ -172,13 +185,14 @@ def swiglu_backward_kernel(
     """
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
-    expert, row_start, row_end, is_real = _row_tile(expert_offsets_ptr, i_m, N_TRUE, BLOCK_NE,
+    expert, row_start, row_end, is_real = _row_tile(expert_offsets_ptr, i_m, num_slots, N_TRUE, BLOCK_NE,
                                                     BLOCK_M)
     if not is_real:
         return
     o_r = row_start + tl.arange(0, BLOCK_M)
     m_r = o_r < row_end
     b_slot = tl.load(sorted_slots_ptr + o_r, mask=m_r, other=0)
+    m_r = m_r & (b_slot >= 0) & (b_slot < num_slots)
     o_tok = (b_slot // TOP_K).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < I
@@ -237,6 +251,7 @@ def grouped_weight_grad_kernel(
     out_ptr,             # [n, M, N] out: (e, i, j) at e*stride_oe + i*stride_om + j
     sorted_slots_ptr,    # [T*TOP_K] int32
     expert_offsets_ptr,  # [N_TRUE + 1] int32
+    num_slots,           # T*TOP_K, the length of sorted_slots (indices read from it stay inside)
     M,
     N,
     stride_am,
@@ -263,8 +278,8 @@ def grouped_weight_grad_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     i_m = i_mn // num_n
     i_n = i_mn % num_n
-    row_lo = tl.load(expert_offsets_ptr + expert)
-    row_hi = tl.load(expert_offsets_ptr + expert + 1)
+    row_lo, row_hi = _clamp_segment(tl.load(expert_offsets_ptr + expert),
+                                    tl.load(expert_offsets_ptr + expert + 1), num_slots)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < M
@@ -274,6 +289,7 @@ def grouped_weight_grad_kernel(
         o_r = r0 + tl.arange(0, BLOCK_K)
         m_r = o_r < row_hi
         b_slot = tl.load(sorted_slots_ptr + o_r, mask=m_r, other=0)
+        m_r = m_r & (b_slot >= 0) & (b_slot < num_slots)
         if GATHER_A:
             o_a = (b_slot // TOP_K).to(tl.int64)
         else:

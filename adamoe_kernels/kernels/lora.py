@@ -31,13 +31,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _lora_row_tile(expert_offsets_ptr, i_m, n_experts, BLOCK_NE: tl.constexpr,
+def _clamp_lora_segment(lo, hi, num_slots):
+    """An expert's row range from ``expert_offsets`` clamped into ``[0, num_slots]``: no row
+    outside ``sorted_slots`` is read whatever the offsets hold (a hand-built Routing is checked
+    on CPU, not on CUDA)."""
+    lo = tl.minimum(tl.maximum(lo, 0), num_slots)
+    return lo, tl.minimum(tl.maximum(hi, lo), num_slots)
+
+
+@triton.jit
+def _lora_row_tile(expert_offsets_ptr, i_m, n_experts, num_slots, BLOCK_NE: tl.constexpr,
                    BLOCK_M: tl.constexpr):
     """Row tile ``i_m`` -> ``(expert, first row, end row of the expert)``; expert >= n: no tile."""
     o_e = tl.arange(0, BLOCK_NE)
     m_e = o_e < n_experts
     b_lo = tl.load(expert_offsets_ptr + o_e, mask=m_e, other=0).to(tl.int32)
     b_hi = tl.load(expert_offsets_ptr + o_e + 1, mask=m_e, other=0).to(tl.int32)
+    b_lo, b_hi = _clamp_lora_segment(b_lo, b_hi, num_slots)
     b_tiles = (b_hi - b_lo + BLOCK_M - 1) // BLOCK_M
     b_end = tl.cumsum(b_tiles, axis=0)
     i_e = tl.sum((b_end <= i_m).to(tl.int32), axis=0)
@@ -54,6 +64,7 @@ def lora_shrink_kernel(
     w_ptr,               # [n, K, R]   strided view: lora_A^T (forward) or lora_B (backward)
     sorted_slots_ptr,    # [T*top_k]   int32/int64
     expert_offsets_ptr,  # [n + 1]     int32/int64
+    num_slots,           # T*top_k, the length of sorted_slots (indices read from it stay inside)
     u_ptr,               # [T*top_k, R] fp32 compact: forward output u; backward input u
     topk_weights_ptr,    # [T*top_k]   routing weights (IS_BWD only)
     du_ptr,              # [T*top_k, R] fp32 compact: backward output w*s*(dy B_e) (IS_BWD only)
@@ -82,12 +93,14 @@ def lora_shrink_kernel(
     ``dw[slot a] = s * <g, u[a]>``. Grid: ``(cdiv(T*top_k, BLOCK_M) + n,)``.
     """
     i_m = tl.program_id(0)
-    i_e, row_start, row_end = _lora_row_tile(expert_offsets_ptr, i_m, n_experts, BLOCK_NE, BLOCK_M)
+    i_e, row_start, row_end = _lora_row_tile(expert_offsets_ptr, i_m, n_experts, num_slots,
+                                              BLOCK_NE, BLOCK_M)
     if i_e >= n_experts:
         return
     o_m = row_start + tl.arange(0, BLOCK_M)
     m_m = o_m < row_end
     b_slot = tl.load(sorted_slots_ptr + o_m, mask=m_m, other=0).to(tl.int64)
+    m_m = m_m & (b_slot >= 0) & (b_slot < num_slots)
     b_tok = b_slot // top_k
     o_r = tl.arange(0, BLOCK_R)
     m_r = o_r < R
@@ -122,6 +135,7 @@ def lora_expand_kernel(
     w_ptr,               # [n, N, R]   strided view: lora_B (forward) or lora_A^T (backward)
     sorted_slots_ptr,    # [T*top_k]   int32/int64
     expert_offsets_ptr,  # [n + 1]     int32/int64
+    num_slots,           # T*top_k, the length of sorted_slots (indices read from it stay inside)
     topk_weights_ptr,    # [T*top_k]   routing weights (HAS_WEIGHT only)
     out_ptr,             # [T*top_k, N] per-slot rows (contiguous); null-slot rows never written
     n_experts,
@@ -146,7 +160,8 @@ def lora_expand_kernel(
     """
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
-    i_e, row_start, row_end = _lora_row_tile(expert_offsets_ptr, i_m, n_experts, BLOCK_NE, BLOCK_M)
+    i_e, row_start, row_end = _lora_row_tile(expert_offsets_ptr, i_m, n_experts, num_slots,
+                                              BLOCK_NE, BLOCK_M)
     if i_e >= n_experts:
         return
     o_m = row_start + tl.arange(0, BLOCK_M)
@@ -164,6 +179,7 @@ def lora_expand_kernel(
         b_w = b_w.to(tl.float32)
     b_acc = tl.dot(b_v.to(b_w.dtype), b_w, input_precision=DOT_PRECISION)
     b_slot = tl.load(sorted_slots_ptr + o_m, mask=m_m, other=0).to(tl.int64)
+    m_m = m_m & (b_slot >= 0) & (b_slot < num_slots)
     if HAS_WEIGHT:
         b_c = tl.load(topk_weights_ptr + b_slot, mask=m_m, other=0.0).to(tl.float32) * scaling
         b_acc = b_acc * b_c[:, None]
@@ -212,6 +228,7 @@ def lora_wgrad_kernel(
     v_ptr,               # [T*top_k, R] fp32 compact rows: u (dB) or du (dA)
     sorted_slots_ptr,    # [T*top_k]   int32/int64
     expert_offsets_ptr,  # [n + 1]     int32/int64
+    num_slots,           # T*top_k, the length of sorted_slots (indices read from it stay inside)
     topk_weights_ptr,    # [T*top_k]   routing weights (HAS_WEIGHT only)
     dw_ptr,              # [n, N, R]   strided view of the weight grad: dB, or dA^T
     top_k,
@@ -238,8 +255,9 @@ def lora_wgrad_kernel(
     """
     i_e = tl.program_id(0)
     i_n = tl.program_id(1)
-    row_start = tl.load(expert_offsets_ptr + i_e).to(tl.int32)
-    row_end = tl.load(expert_offsets_ptr + i_e + 1).to(tl.int32)
+    row_start, row_end = _clamp_lora_segment(tl.load(expert_offsets_ptr + i_e).to(tl.int32),
+                                             tl.load(expert_offsets_ptr + i_e + 1).to(tl.int32),
+                                             num_slots)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_r = tl.arange(0, BLOCK_R)
@@ -249,6 +267,7 @@ def lora_wgrad_kernel(
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < row_end
         b_slot = tl.load(sorted_slots_ptr + o_m, mask=m_m, other=0).to(tl.int64)
+        m_m = m_m & (b_slot >= 0) & (b_slot < num_slots)
         b_tok = b_slot // top_k
         b_l = tl.load(l_ptr + b_tok[:, None] * stride_lt + o_n[None, :].to(tl.int64) * stride_ln,
                       mask=m_m[:, None] & m_n[None, :], other=0.0)

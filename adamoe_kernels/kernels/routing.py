@@ -26,6 +26,28 @@ def _softmax_rows(logits_ptr, stride_t, o_t, m_t, o_e, m_e, b_bias=None):
 
 
 @triton.jit
+def _gather_logits(logits_ptr, stride_t, o_t, m_t, b_col, E: tl.constexpr):
+    """fp32 logits ``[BLOCK_T]`` of the rows ``o_t`` at the columns ``b_col`` (0 where
+    ``b_col >= E``, a slot dropped by top-p)."""
+    p = logits_ptr + o_t.to(tl.int64) * stride_t + b_col
+    return tl.load(p, mask=m_t & (b_col < E), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _true_slot_softmax(b_ltop, b_true):
+    """``normalize="true"`` weights ``[BLOCK_T, BLOCK_K]``: a softmax of the selected logits over
+    the true slots (= p_j / sum_true p, the softmax normaliser cancels), so they cannot underflow
+    when every true probability is denormal; all-null rows get zeros."""
+    b_lt = tl.where(b_true, b_ltop, float("-inf"))
+    b_lmax = tl.max(b_lt, axis=1)
+    b_lmax = tl.where(b_lmax > float("-inf"), b_lmax, 0.0)
+    b_e = tl.where(b_true, tl.exp(b_lt - b_lmax[:, None]), 0.0)
+    b_den = tl.sum(b_e, axis=1)
+    b_den = tl.where(b_den > 0.0, b_den, 1.0)
+    return b_e / b_den[:, None]
+
+
+@triton.jit
 def route_topk_kernel(
     logits_ptr,        # [T, E] router logits (any float dtype), row stride stride_t
     bias_ptr,          # [E] float32 selection bias (HAS_BIAS): ranks experts, not their weights
@@ -65,6 +87,8 @@ def route_topk_kernel(
     b_work = tl.where(m_e[None, :], b_sel, -2.0)
     b_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     b_top = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    if NORMALIZE == 0:
+        b_ltop = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)  # the selected slots' logits
     b_chosen = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32)
     b_mass = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for j in tl.static_range(K):
@@ -85,13 +109,14 @@ def route_topk_kernel(
         b_chosen = tl.where(b_hit, 1, b_chosen)
         b_ids = tl.where(o_k[None, :] == j, b_arg[:, None], b_ids)
         b_top = tl.where(o_k[None, :] == j, b_prob[:, None], b_top)
+        if NORMALIZE == 0:
+            b_l = _gather_logits(logits_ptr, stride_t, o_t, m_t, b_arg, E)
+            b_ltop = tl.where(o_k[None, :] == j, b_l[:, None], b_ltop)
 
     m_k = o_k < K
     b_true = (b_ids < N_TRUE) & m_k[None, :]
     if NORMALIZE == 0:
-        b_den = tl.sum(tl.where(b_true, b_top, 0.0), axis=1)
-        b_den = tl.where(b_den > 0.0, b_den, 1.0)
-        b_w = tl.where(b_true, b_top / b_den[:, None], 0.0)
+        b_w = _true_slot_softmax(b_ltop, b_true)
     elif NORMALIZE == 1:
         b_den = tl.sum(tl.where(m_k[None, :], b_top, 0.0), axis=1)
         b_w = b_top / b_den[:, None]
@@ -200,8 +225,10 @@ def route_backward_kernel(
 ):
     """d logits through softmax, top-k selection and the normalisation (probabilities recomputed).
 
-    With ``w_j = p_j / S`` over the normalised set: ``dp_j = (g_j - sum_i g_i w_i) / S`` on that
-    set, 0 elsewhere; then the softmax backward ``dz = p * (dp - sum(dp * p))``.
+    "all": with ``w_j = p_j / S`` over the top-k, ``dp_j = (g_j - sum_i g_i w_i) / S`` there, 0
+    elsewhere, then the softmax backward ``dz = p * (dp - sum(dp * p))`` ("none": ``dp = g``).
+    "true": ``w`` is a softmax of the selected true logits, so ``dz_j = w_j (g_j - sum_i g_i w_i)``
+    on those slots directly.
     """
     i_b = tl.program_id(0)
     o_t = i_b * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -210,26 +237,36 @@ def route_backward_kernel(
     m_t = o_t < T
     m_e = o_e < E
     m_k = o_k < K
-    b_p = _softmax_rows(logits_ptr, stride_t, o_t, m_t, o_e, m_e)
+    if NORMALIZE != 0:  # "true" needs only the selected logits
+        b_p = _softmax_rows(logits_ptr, stride_t, o_t, m_t, o_e, m_e)
     m_tk = m_t[:, None] & m_k[None, :]
     o_tk = o_t[:, None].to(tl.int64) * K + o_k[None, :]
     b_ids = tl.load(topk_ids_ptr + o_tk, mask=m_tk, other=0)
     b_g = tl.load(grad_weights_ptr + o_tk, mask=m_tk, other=0.0).to(tl.float32)
 
-    # Selected probabilities, gathered slot by slot.
+    # Selected probabilities (and, for "true", logits), gathered slot by slot.
     b_top = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    b_ltop = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for j in tl.static_range(K):
         b_id_j = tl.sum(tl.where(o_k[None, :] == j, b_ids, 0), axis=1)
-        b_p_j = tl.sum(tl.where(o_e[None, :] == b_id_j[:, None], b_p, 0.0), axis=1)
-        b_top = tl.where(o_k[None, :] == j, b_p_j[:, None], b_top)
+        if NORMALIZE == 0:
+            b_l_j = _gather_logits(logits_ptr, stride_t, o_t, m_t, b_id_j, E)
+            b_ltop = tl.where(o_k[None, :] == j, b_l_j[:, None], b_ltop)
+        else:
+            b_p_j = tl.sum(tl.where(o_e[None, :] == b_id_j[:, None], b_p, 0.0), axis=1)
+            b_top = tl.where(o_k[None, :] == j, b_p_j[:, None], b_top)
 
-    if NORMALIZE == 2:
+    if NORMALIZE == 0:
+        # w = softmax of the selected true logits: dz_j = w_j (g_j - sum_i g_i w_i) on the true
+        # slots, 0 elsewhere (no division by the true mass, which may be denormal).
+        b_true = (b_ids < N_TRUE) & m_k[None, :]
+        b_w = _true_slot_softmax(b_ltop, b_true)
+        b_gw = tl.sum(b_g * b_w, axis=1)
+        b_dtop = tl.where(b_true, b_w * (b_g - b_gw[:, None]), 0.0)
+    elif NORMALIZE == 2:
         b_dtop = tl.where(m_k[None, :], b_g, 0.0)
     else:
-        if NORMALIZE == 0:
-            b_in = (b_ids < N_TRUE) & m_k[None, :]
-        else:
-            b_in = m_k[None, :] & (b_ids >= 0)
+        b_in = m_k[None, :] & (b_ids >= 0)
         b_den = tl.sum(tl.where(b_in, b_top, 0.0), axis=1)
         b_den = tl.where(b_den > 0.0, b_den, 1.0)
         b_gw = tl.sum(tl.where(b_in, b_g * b_top, 0.0), axis=1) / b_den
@@ -240,6 +277,9 @@ def route_backward_kernel(
         b_id_j = tl.sum(tl.where(o_k[None, :] == j, b_ids, 0), axis=1)
         b_d_j = tl.sum(tl.where(o_k[None, :] == j, b_dtop, 0.0), axis=1)
         b_dp = tl.where(o_e[None, :] == b_id_j[:, None], b_d_j[:, None], b_dp)
-    b_dz = b_p * (b_dp - tl.sum(b_dp * b_p, axis=1)[:, None])
+    if NORMALIZE == 0:
+        b_dz = b_dp  # already d logits: the weights depend on the selected logits only
+    else:
+        b_dz = b_p * (b_dp - tl.sum(b_dp * b_p, axis=1)[:, None])
     p_out = grad_logits_ptr + o_t[:, None].to(tl.int64) * E + o_e[None, :]
     tl.store(p_out, b_dz.to(grad_logits_ptr.dtype.element_ty), mask=m_t[:, None] & m_e[None, :])

@@ -4,7 +4,7 @@ Forward (``adamoe::moe_mlp``), A = T*k is the static bound on true assignments. 
 the intermediate dimension ``I`` (see ``i_chunk``):
 1. ``grouped_gemm_kernel`` (SwiGLU fused, rows gathered from ``hidden`` in the prologue)
    -> ``h [A, I_chunk]`` compact;
-2. ``grouped_gemm_kernel`` (down, rows scattered to their slots) -> ``slot_out [A, H]``;
+2. ``grouped_gemm_kernel`` (down, rows scattered to their slots) -> ``slot_out [A, H]`` (fp32);
 3. ``combine_slots_kernel``: ``y[t] (+)= sum_true w * slot_out`` in slot order (weight applied
    once per chunk; fp32 accumulation across chunks).
 Nothing is saved for backward but the inputs: the backward recomputes ``gate/up`` per tile.
@@ -138,7 +138,7 @@ def _launch_grouped_gemm(a, w, out, sorted_slots, expert_offsets, *, n_cols, k_d
     grid = (max_row_tiles(A, num_experts, cfg.BLOCK_M), triton.cdiv(n_cols, cfg.BLOCK_N))
     stride_we, stride_wk, stride_wn = w_strides
     grouped_gemm_kernel[grid](
-        a, w, out, sorted_slots, expert_offsets, n_cols, k_dim,
+        a, w, out, sorted_slots, expert_offsets, A, n_cols, k_dim,
         a.stride(0), stride_we, stride_wk, stride_wn, out.stride(0), up_offset,
         GATHER_A=gather_a, SCATTER_OUT=scatter_out, FUSE_SWIGLU=fuse_swiglu,
         ACCUMULATE=accumulate, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
@@ -153,7 +153,8 @@ def _launch_weight_grad(a, b, row_scale, out, sorted_slots, expert_offsets, *, M
     num_experts = out.shape[0]
     grid = (num_experts, triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N))
     grouped_weight_grad_kernel[grid](
-        a, b, row_scale, out, sorted_slots, expert_offsets, M, N, a.stride(0), b.stride(0),
+        a, b, row_scale, out, sorted_slots, expert_offsets, sorted_slots.shape[0], M, N,
+        a.stride(0), b.stride(0),
         out.stride(0), out.stride(1),
         TOP_K=top_k, GATHER_A=gather_a, GATHER_B=gather_b, HAS_SCALE=has_scale,
         UPCAST=meta["UPCAST"], DOT_PRECISION=meta["DOT_PRECISION"],
@@ -198,7 +199,7 @@ def moe_mlp_op(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
     T, H, n, I, k, A = _layer_shapes(hidden, gate_up_proj, topk_ids)
     dev, dt = hidden.device, hidden.dtype
     y = new_empty((T, H), dt, dev)
-    if T == 0:
+    if T == 0 or H == 0:  # nothing to compute (and no grid to size)
         return y
     ids, weights, slots, offsets = _routing_tensors(topk_ids, topk_weights, sorted_slots,
                                                     expert_offsets)
@@ -206,7 +207,9 @@ def moe_mlp_op(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
     chunk = i_chunk(I, H, 1, cfg.BLOCK_N)
     y_acc = y if chunk == I else new_empty((T, H), torch.float32, dev)
     h = new_empty((A, chunk), dt, dev)
-    slot_out = new_empty((A, H), dt, dev)
+    # fp32 per-slot rows: the down GEMM's fp32 accumulator reaches the combine unrounded, so a
+    # 16-bit output is rounded once (as a plain bf16 layer's is), not twice.
+    slot_out = new_empty((A, H), torch.float32, dev)
     for c0 in range(0, I, chunk):
         cols = min(chunk, I - c0)
         _launch_grouped_gemm(
@@ -246,8 +249,8 @@ def moe_mlp_backward_op(
     d_weights = new_empty((T, k), torch.float32, dev)
     d_gate_up = new_empty(gate_up_proj.shape if weight_grads else (0,), gate_up_proj.dtype, dev)
     d_down = new_empty(down_proj.shape if weight_grads else (0,), down_proj.dtype, dev)
-    if T == 0:
-        return dx, d_gate_up.zero_(), d_down.zero_(), d_weights
+    if T == 0 or H == 0:
+        return dx, d_gate_up.zero_(), d_down.zero_(), d_weights.zero_()
     ids, weights, slots, offsets = _routing_tensors(topk_ids, topk_weights, sorted_slots,
                                                     expert_offsets)
     meta = _common_meta(hidden, n, k)
@@ -268,7 +271,7 @@ def moe_mlp_backward_op(
         dg, du = dgu[:, :cols], dgu[:, chunk:chunk + cols]
         swiglu_backward_kernel[(max_row_tiles(A, n, scfg.BLOCK_M),
                                 triton.cdiv(cols, scfg.BLOCK_N))](
-            hidden, dy, gate_up_proj[:, c0:], down_proj[:, :, c0:], weights, slots, offsets,
+            hidden, dy, gate_up_proj[:, c0:], down_proj[:, :, c0:], weights, slots, offsets, A,
             dgu, h, dw_partial, H, cols, hidden.stride(0), dy.stride(0),
             gu_s0, gu_s1, gu_s2, I * gu_s1,
             down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),

@@ -104,7 +104,7 @@ def _shrink(tok_rows, w_view_strides, w, slots, offsets, u, scaling, cfg, *, bwd
         is_bwd = True
     grid = (_tile_bound(TK, n, cfg.BLOCK_M),)
     lora_shrink_kernel[grid](
-        tok_rows, w, slots, offsets, u, topk_w, du, dw,
+        tok_rows, w, slots, offsets, slots.shape[0], u, topk_w, du, dw,
         n, top_k, K, R, float(scaling),
         tok_rows.stride(0), tok_rows.stride(1), *w_view_strides,
         IS_BWD=is_bwd, UPCAST=interpreting(tok_rows), DOT_PRECISION=_dot_precision(tok_rows.dtype),
@@ -126,7 +126,7 @@ def _expand_combine(v, w, w_view_strides, N, slots, offsets, topk_ids, topk_w, s
     grid = (_tile_bound(T * top_k, n, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N))
     has_weight = topk_w is not None
     lora_expand_kernel[grid](
-        v, w, slots, offsets, topk_w if has_weight else v, per_slot,
+        v, w, slots, offsets, slots.shape[0], topk_w if has_weight else v, per_slot,
         n, N, R, float(scaling), *w_view_strides,
         HAS_WEIGHT=has_weight, UPCAST=interpreting(v), DOT_PRECISION=_dot_precision(out_dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=block_r(R), BLOCK_NE=block_ne(n),
@@ -149,7 +149,7 @@ def _wgrad(tok_rows, v, slots, offsets, topk_w, scaling, dW, dW_view_strides, N,
     has_weight = topk_w is not None
     grid = (n, triton.cdiv(N, cfg.BLOCK_N))
     lora_wgrad_kernel[grid](
-        tok_rows, v, slots, offsets, topk_w if has_weight else v, dW,
+        tok_rows, v, slots, offsets, slots.shape[0], topk_w if has_weight else v, dW,
         top_k, N, R, float(scaling),
         tok_rows.stride(0), tok_rows.stride(1), *dW_view_strides,
         HAS_WEIGHT=has_weight, UPCAST=interpreting(v), DOT_PRECISION=_dot_precision(dW.dtype),
