@@ -45,10 +45,23 @@ def _row_tile(expert_offsets_ptr, i_m, num_slots, N_TRUE: tl.constexpr, BLOCK_NE
 
 
 @triton.jit
-def _store_block(p_out, b_acc, m_out, ACCUMULATE: tl.constexpr):
-    """Store the fp32 block ``b_acc`` in the output's dtype, adding what is there if ACCUMULATE."""
+def _round_to_bf16_nearest(b_x):
+    """fp32 -> fp32 values exactly representable in bf16, rounded to nearest even. The
+    interpreter's fp32 -> bf16 conversion truncates (twice the error of a GPU's ``cvt.rn``), so
+    under it the value is rounded first and the conversion that follows is exact."""
+    b_bits = b_x.to(tl.uint32, bitcast=True)
+    b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
+    return b_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_block(p_out, b_acc, m_out, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr):
+    """Store the fp32 block ``b_acc`` in the output's dtype, adding what is there if ACCUMULATE
+    (``UPCAST``, the interpreter: a bf16 output is rounded to nearest, as on a GPU)."""
     if ACCUMULATE:
         b_acc += tl.load(p_out, mask=m_out, other=0.0).to(tl.float32)
+    if UPCAST and p_out.dtype.element_ty == tl.bfloat16:
+        b_acc = _round_to_bf16_nearest(b_acc)
     tl.store(p_out, b_acc.to(p_out.dtype.element_ty), mask=m_out)
 
 
@@ -131,7 +144,7 @@ def grouped_gemm_kernel(
     else:
         o_out = o_r.to(tl.int64)
     p_out = out_ptr + o_out[:, None] * stride_om + o_n[None, :]
-    _store_block(p_out, b_acc, m_r[:, None] & m_n[None, :], ACCUMULATE)
+    _store_block(p_out, b_acc, m_r[:, None] & m_n[None, :], ACCUMULATE, UPCAST)
 
 
 @triton.jit
@@ -329,6 +342,7 @@ def combine_slots_kernel(
     WEIGHT_TRUE: tl.constexpr,  # multiply true rows by their weight (forward) or not (backward)
     IDENTITY: tl.constexpr,     # add w * x for each null slot
     ACCUMULATE: tl.constexpr,   # y += ... (I-chunked layers accumulate in an fp32 y)
+    UPCAST: tl.constexpr,       # the interpreter (see _store_block)
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -356,7 +370,7 @@ def combine_slots_kernel(
         if IDENTITY:
             b_acc += tl.where(b_true, 0.0, b_w)[:, None] * b_x
     _store_block(y_ptr + o_t64[:, None] * H + o_h[None, :], b_acc,
-                 m_t[:, None] & m_h[None, :], ACCUMULATE)
+                 m_t[:, None] & m_h[None, :], ACCUMULATE, UPCAST)
 
 
 @triton.jit

@@ -169,7 +169,8 @@ def _launch_combine(slot_out, x, topk_ids, topk_weights, y, *, num_experts, weig
     combine_slots_kernel[grid](
         slot_out, x, topk_ids, topk_weights, y, T, H, x.stride(0),
         N_TRUE=num_experts, TOP_K=topk_ids.shape[1], WEIGHT_TRUE=weight_true, IDENTITY=identity,
-        ACCUMULATE=accumulate, BLOCK_T=COMBINE_BLOCK_T, BLOCK_H=COMBINE_BLOCK_H,
+        ACCUMULATE=accumulate, UPCAST=interpreting(x), BLOCK_T=COMBINE_BLOCK_T,
+        BLOCK_H=COMBINE_BLOCK_H,
     )
 
 
