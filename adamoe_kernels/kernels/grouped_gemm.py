@@ -109,7 +109,7 @@ def grouped_gemm_kernel(
     m_r = o_r < row_end
     if GATHER_A or SCATTER_OUT:
         b_slot = tl.load(sorted_slots_ptr + o_r, mask=m_r, other=0)
-        m_r = m_r & (b_slot >= 0) & (b_slot < num_slots)
+        b_slot = tl.minimum(tl.maximum(b_slot, 0), num_slots - 1)  # in-bounds for any Routing
     if GATHER_A:
         o_a = (b_slot // TOP_K).to(tl.int64)
     else:
@@ -205,7 +205,7 @@ def swiglu_backward_kernel(
     o_r = row_start + tl.arange(0, BLOCK_M)
     m_r = o_r < row_end
     b_slot = tl.load(sorted_slots_ptr + o_r, mask=m_r, other=0)
-    m_r = m_r & (b_slot >= 0) & (b_slot < num_slots)
+    b_slot = tl.minimum(tl.maximum(b_slot, 0), num_slots - 1)  # in-bounds for any Routing
     o_tok = (b_slot // TOP_K).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < I
@@ -302,7 +302,7 @@ def grouped_weight_grad_kernel(
         o_r = r0 + tl.arange(0, BLOCK_K)
         m_r = o_r < row_hi
         b_slot = tl.load(sorted_slots_ptr + o_r, mask=m_r, other=0)
-        m_r = m_r & (b_slot >= 0) & (b_slot < num_slots)
+        b_slot = tl.minimum(tl.maximum(b_slot, 0), num_slots - 1)  # in-bounds for any Routing
         if GATHER_A:
             o_a = (b_slot // TOP_K).to(tl.int64)
         else:

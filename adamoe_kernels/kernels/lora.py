@@ -100,7 +100,7 @@ def lora_shrink_kernel(
     o_m = row_start + tl.arange(0, BLOCK_M)
     m_m = o_m < row_end
     b_slot = tl.load(sorted_slots_ptr + o_m, mask=m_m, other=0).to(tl.int64)
-    m_m = m_m & (b_slot >= 0) & (b_slot < num_slots)
+    b_slot = tl.minimum(tl.maximum(b_slot, 0), num_slots - 1)  # in-bounds for any Routing
     b_tok = b_slot // top_k
     o_r = tl.arange(0, BLOCK_R)
     m_r = o_r < R
@@ -179,7 +179,7 @@ def lora_expand_kernel(
         b_w = b_w.to(tl.float32)
     b_acc = tl.dot(b_v.to(b_w.dtype), b_w, input_precision=DOT_PRECISION)
     b_slot = tl.load(sorted_slots_ptr + o_m, mask=m_m, other=0).to(tl.int64)
-    m_m = m_m & (b_slot >= 0) & (b_slot < num_slots)
+    b_slot = tl.minimum(tl.maximum(b_slot, 0), num_slots - 1)  # in-bounds for any Routing
     if HAS_WEIGHT:
         b_c = tl.load(topk_weights_ptr + b_slot, mask=m_m, other=0.0).to(tl.float32) * scaling
         b_acc = b_acc * b_c[:, None]
@@ -267,7 +267,7 @@ def lora_wgrad_kernel(
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < row_end
         b_slot = tl.load(sorted_slots_ptr + o_m, mask=m_m, other=0).to(tl.int64)
-        m_m = m_m & (b_slot >= 0) & (b_slot < num_slots)
+        b_slot = tl.minimum(tl.maximum(b_slot, 0), num_slots - 1)  # in-bounds for any Routing
         b_tok = b_slot // top_k
         b_l = tl.load(l_ptr + b_tok[:, None] * stride_lt + o_n[None, :].to(tl.int64) * stride_ln,
                       mask=m_m[:, None] & m_n[None, :], other=0.0)
