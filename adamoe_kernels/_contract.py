@@ -227,7 +227,7 @@ def check_routing_values(routing: Routing, force: bool = False) -> None:
     ``topk_ids >= 0``; ``expert_counts`` counts the true slots (ids ``< n``) per expert;
     ``expert_offsets`` is its exclusive prefix sum; ``sorted_slots`` is a permutation of
     ``[0, T*k)`` whose first ``expert_offsets[n]`` entries are the true slots, each inside its
-    expert's segment, and whose tail is the null slots. ``route`` always returns such a Routing;
+    expert's segment, and whose tail is the null slots, in slot order inside each segment. ``route`` always returns such a Routing;
     this catches one built or edited by hand before a kernel indexes with it. Runs on CPU
     tensors, on CUDA only when asked (``ADAMOE_DEBUG=1`` or ``force``: a host sync), never
     while ``torch.compile`` traces.
@@ -267,6 +267,9 @@ def check_routing_values(routing: Routing, force: bool = False) -> None:
         raise ValueError("routing.sorted_slots must list the true slots grouped by expert "
                          "(expert 0 first, each inside its expert_offsets segment), then the null "
                          "slots (make the Routing with adamoe_kernels.route)")
+    if not bool(((slots[1:] > slots[:-1]) | (segment[1:] != segment[:-1])).all()):
+        raise ValueError("routing.sorted_slots must keep slot order inside each expert's segment "
+                         "(and in the null tail), as route's stable counting sort does")
 
 
 def check_moe_lora_args(x, lora_A, lora_B, routing, scaling) -> None:

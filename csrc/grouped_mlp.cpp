@@ -752,6 +752,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
   if (need_down) advise_huge_pages(grad_down);
   at::Tensor grad_w = need_w ? at::empty(topk_weights.sizes(), opts.dtype(at::kFloat))
                              : at::empty({0}, topk_weights.options());
+  if (H == 0) {
+    // Nothing depends on the weights or the routing: exact zeros (the K = 0 GEMMs below would
+    // leave their scratch unwritten, and d topk_weights is read from it).
+    grad_gate_up.zero_();
+    grad_down.zero_();
+    grad_w.zero_();
+    if (need_w && topk_weights.scalar_type() != at::kFloat) {
+      grad_w = grad_w.to(topk_weights.scalar_type());
+    }
+    return {grad_hidden, grad_gate_up, grad_down, grad_w};
+  }
   at::Tensor dX = at::empty({need_hidden ? A : 0, H}, opts);  // compact rows of d hidden
   std::vector<float> dw_row(A, 0.f);
 
