@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "AdaMoEBlock",
+    "AdaMoECallback",
     "AdaMoELoRALinear",
     "AlphaSchedule",
     "LoadController",
@@ -42,3 +43,12 @@ __all__ = [
     "set_target_load",
     "set_top_p",
 ]
+
+
+def __getattr__(name):
+    # transformers' Trainer machinery takes seconds to import: load the callback on first use
+    if name == "AdaMoECallback":
+        from .training.callbacks import AdaMoECallback
+
+        return AdaMoECallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,8 @@
   (``ak.distributed``), and ``shard_experts`` for converted transformers models;
 * ``parallel.py``: the command under ``torchrun`` (DDP, FSDP2, expert parallel; what the ranks
   reduce);
+* ``callbacks.py``: ``AdaMoECallback`` (``ak.AdaMoECallback``), a ``transformers.TrainerCallback``:
+  the α schedule, per-layer load and FLOPs saved in the Trainer's logs, the load controller;
 * ``checkpoint.py``: checkpoints that survive a kill (``torch.distributed.checkpoint`` shards,
   written atomically, verified against a manifest, the last K kept).
 
