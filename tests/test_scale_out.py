@@ -119,8 +119,12 @@ def test_parallel_run_equals_one_process(ranks, strategy):
     assert [(r["phase"], r["step"]) for r in par] == [(r["phase"], r["step"]) for r in single]
     assert len([r for r in par if r["phase"] == "finetune"]) == 6
     for a, b in zip(single, par):
-        for key in ("loss", "lm_loss", "aux_loss", "alpha"):
+        for key in ("loss", "lm_loss", "alpha"):
             assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (strategy, a["step"], key)
+        # The aux loss's hit counts are a top-k over probabilities in which each identity null
+        # copy ties its true expert up to rounding, so another reduction order can flip one of
+        # the 256 row hits: that moves the loss by (n+m)/256 * (P_true - P_null), ~4e-4 here.
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], abs=1e-3), (strategy, a["step"])
         assert b["load"] == pytest.approx(a["load"], abs=1e-6)     # counts: exact
         if "null_bias" in a:                                       # the load controller
             assert b["null_bias"] == pytest.approx(a["null_bias"], abs=1e-6)
