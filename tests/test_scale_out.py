@@ -34,13 +34,22 @@ from helpers import init_gloo, spawn_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = "cpu" if cpu_extension_available() else "torch"
-# 4 top-2 steps, conversion to m8k3, 2 epochs of 3 steps; global batch 4 (2 rows per rank)
+# 4 top-2 steps, 2 epochs of 3 steps of the top-2 control, conversion to m8k3, 2 epochs of
+# 3 steps; global batch 4 (2 rows per rank). The equivalence runs and torchrun's leave the
+# control out (NO_CONTROL): it is one more phase of the same loop.
+NO_CONTROL = ["--no-control"]
 RUN = ["--quick", "--backend", BACKEND, "--device", "cpu", "--base-steps", "4",
        "--steps-per-epoch", "3", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "4",
        "--no-progress", "--no-plots", "--target-load", "1.5"]
 STRATEGIES = {"ddp": [], "fsdp": ["--fsdp"], "ep": ["--expert-parallel"],
               "ep_fsdp": ["--expert-parallel", "--fsdp"]}
 TOL = dict(atol=1e-4, rtol=1e-4)  # fp32, a different reduction order; Adam amplifies it a bit
+# Near ties: an identity null copy starts as its true expert's twin and stays close to it, so
+# another reduction order can send a token to the other side of a tie (measured: DDP, cpu
+# backend, fine-tune step 4, one token of 128 in one layer). From then on the runs are close,
+# no longer equal: the tolerances below.
+ONE_TOKEN = 1 / 128 + 1e-6  # a layer's load moves by 1/128 per token
+AFTER_FLIP = dict(loss=1e-3, load=0.05, null_bias=0.05, weights=dict(atol=1e-3, rtol=1e-3))
 
 
 def _steps(out: Path) -> list[dict]:
@@ -94,7 +103,7 @@ def _ranks_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     init_gloo(rank, world, init_file)
     result = {"ep_model": _ep_model_step(rank, world)}
     for name, flags in STRATEGIES.items():
-        finetune.main(RUN + flags + ["--out", f"{out_dir}/{name}"])
+        finetune.main(RUN + NO_CONTROL + flags + ["--out", f"{out_dir}/{name}"])
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -105,7 +114,7 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     torch.set_num_threads(1)
     try:
-        finetune.main(RUN + ["--out", str(out / "single")])
+        finetune.main(RUN + NO_CONTROL + ["--out", str(out / "single")])
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
     spawn_ranks(_ranks_worker, 2, str(out / "pg_init"), (str(out),), timeout_s=240)
@@ -118,20 +127,29 @@ def test_parallel_run_equals_one_process(ranks, strategy):
     single, par = _steps(ranks / "single"), _steps(ranks / strategy)
     assert [(r["phase"], r["step"]) for r in par] == [(r["phase"], r["step"]) for r in single]
     assert len([r for r in par if r["phase"] == "finetune"]) == 6
+    flipped = False
     for a, b in zip(single, par):
+        where = (strategy, a["phase"], a["step"])
+        if not flipped and b["load"] != pytest.approx(a["load"], abs=1e-6):  # counts: exact ...
+            assert b["load"] == pytest.approx(a["load"], abs=ONE_TOKEN), where  # ... or one flip
+            flipped = True
+        tol = AFTER_FLIP["loss"] if flipped else 1e-5
         for key in ("loss", "lm_loss", "alpha"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (strategy, a["step"], key)
-        # The aux loss's hit counts are a top-k over probabilities in which each identity null
-        # copy ties its true expert up to rounding, so another reduction order can flip one of
-        # the 256 row hits: that moves the loss by (n+m)/256 * (P_true - P_null), ~4e-4 here.
-        assert b["aux_loss"] == pytest.approx(a["aux_loss"], abs=1e-3), (strategy, a["step"])
-        assert b["load"] == pytest.approx(a["load"], abs=1e-6)     # counts: exact
+            assert b[key] == pytest.approx(a[key], abs=tol, rel=tol), where + (key,)
+        # The aux loss's hits are a top-k over probabilities without the controller's null
+        # bias, where the twins tie even more closely: one of the 256 row hits may flip at any
+        # step, which moves the loss by (n+m)/256 * (P_true - P_null), ~4e-4 here.
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], abs=1e-3), where
+        if flipped:
+            assert b["load"] == pytest.approx(a["load"], abs=AFTER_FLIP["load"]), where
         if "null_bias" in a:                                       # the load controller
-            assert b["null_bias"] == pytest.approx(a["null_bias"], abs=1e-6)
+            assert b["null_bias"] == pytest.approx(
+                a["null_bias"], abs=AFTER_FLIP["null_bias"] if flipped else 1e-5), where
     w_single, w_par = _weights(ranks / "single"), _weights(ranks / strategy)
     assert w_single.keys() == w_par.keys()
     for name in w_single:  # the full model, expert shards gathered
-        torch.testing.assert_close(w_par[name], w_single[name], **TOL,
+        torch.testing.assert_close(w_par[name], w_single[name],
+                                   **(AFTER_FLIP["weights"] if flipped else TOL),
                                    msg=lambda m, name=name: f"{name}: {m}")
     summary = json.loads((ranks / strategy / "log.json").read_text())["summary"]
     label = {"ddp": "ddp", "fsdp": "fsdp", "ep": "ddp+ep", "ep_fsdp": "fsdp+ep"}[strategy]
@@ -180,7 +198,7 @@ def _command(nproc: int) -> list[str]:
     return launcher + ["-m", "adamoe_kernels.training.finetune"]
 
 
-CKPT = ["--save-every", "3", "--keep-last", "2"]  # 10 steps in all: checkpoints 3, 6 and 9
+CKPT = ["--save-every", "3", "--keep-last", "2"]  # 16 steps in all (10 without the control)
 
 
 def _run(out: Path, flags: list[str], nproc: int, timeout: float = 120) -> str:
@@ -250,8 +268,10 @@ def _run_and_kill(out: Path, flags: list[str], nproc: int, stall: str, timeout: 
 
 def _assert_bitwise(a: Path, b: Path) -> None:
     steps_a, steps_b = _steps(a), _steps(b)
-    drop = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}  # noqa: E731
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "train_s")}  # noqa: E731
     assert [drop(r) for r in steps_b] == [drop(r) for r in steps_a]
+    curve_a, curve_b = (json.loads((x / "log.json").read_text())["eval_curve"] for x in (a, b))
+    assert [drop(p) for p in curve_b] == [drop(p) for p in curve_a]
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
@@ -263,16 +283,25 @@ def _assert_bitwise(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_and_resume_single_process(tmp_path):
-    """SIGKILL after the checkpoint of step 6, and in the middle of writing it; a truncated
-    newest checkpoint. Each resumed run ends exactly as the uninterrupted one."""
+    """SIGKILL after the checkpoint of step 6 (in the top-2 control's fine-tune: the resumed run
+    restarts it from the checkpoint and converts the saved base model), and in the middle of
+    writing it; a truncated newest checkpoint; SIGKILL after step 12 (AdaMoE's fine-tune). Each
+    resumed run ends exactly as the uninterrupted one."""
     _run(tmp_path / "full", [], 1)
     after = tmp_path / "after"
     _run_and_kill(after, [], 1, "after:6")
+    assert (after / "checkpoints" / finetune.BASE_SNAPSHOT).is_file()
     truncated = tmp_path / "truncated"
     shutil.copytree(after, truncated)
     log = _run(after, ["--resume"], 1)
-    assert "resuming from" in log and "step-00000006 (finetune step 2)" in log
+    assert "resuming from" in log and "step-00000006 (baseline_top2 step 2)" in log
     _assert_bitwise(tmp_path / "full", after)
+
+    late = tmp_path / "late"
+    _run_and_kill(late, [], 1, "after:12")
+    log = _run(late, ["--resume"], 1)
+    assert "step-00000012 (finetune step 2)" in log
+    _assert_bitwise(tmp_path / "full", late)
 
     shard = truncated / "checkpoints" / "step-00000006" / "__0_0.distcp"
     os.truncate(shard, shard.stat().st_size // 3)
@@ -289,14 +318,15 @@ def test_kill_and_resume_single_process(tmp_path):
     assert "step-00000003 (base step 3)" in log
     _assert_bitwise(tmp_path / "full", during)
     assert sorted(p.name for p in (during / "checkpoints").iterdir()
-                  if not p.name.startswith(".stalled")) == ["step-00000006", "step-00000009"]
+                  if not p.name.startswith(".stalled")) == [finetune.BASE_SNAPSHOT,
+                                                            "step-00000012", "step-00000015"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,stall", [("fsdp", "during:6"), ("ep", "after:6")])
 def test_kill_and_resume_torchrun(tmp_path, strategy, stall):
     """Under torchrun (2 ranks, each rank's shard saved by torch.distributed.checkpoint)."""
-    flags = STRATEGIES[strategy]
+    flags = STRATEGIES[strategy] + NO_CONTROL
     _run(tmp_path / "full", flags, 2)
     killed = tmp_path / "killed"
     _run_and_kill(killed, flags, 2, stall)

@@ -44,6 +44,7 @@ from ..integrations.hf_models import adamoe_layers
 from ..integrations.load_control import LoadController
 from ..losses import AlphaSchedule
 from ..ops.backend import BACKENDS, resolve_backend
+from . import comparison
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .parallel import Parallel
 
@@ -132,7 +133,8 @@ class RunConfig:
     intermediate_size: int = 256
     num_experts: int = 8
     save_model: bool = True
-    baseline: bool = False
+    control: bool = True
+    eval_every: int = 0
     plots: bool = True
     progress: bool = True
     device: str = "auto"
@@ -180,9 +182,13 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a < 1 minute run (smaller everything)")
-    p.add_argument("--baseline", action="store_true",
-                   help="default run only: also fine-tune the top-2 base model on the same batches "
-                        "(a control for the AdaMoE eval loss)")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the control: by default the top-2 model is also fine-tuned on the "
+                        "same batches and compared with AdaMoE (MoE models only)")
+    p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # the old opt-in
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="held-out eval every N optimizer steps of each fine-tune (0: 8 evals "
+                        "per run); the curves of the control comparison")
     p.add_argument("--no-save", action="store_true", help="do not save the fine-tuned model")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -219,7 +225,7 @@ def parse_args(argv=None) -> RunConfig:
                     steps_per_epoch=a.steps_per_epoch, base_steps=a.base_steps,
                     batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, base_lr=a.base_lr,
                     eval_windows=a.eval_windows, seed=a.seed, save_model=not a.no_save,
-                    baseline=a.baseline,
+                    control=not a.no_control, eval_every=a.eval_every,
                     plots=not a.no_plots, progress=not a.no_progress, device=a.device,
                     fsdp=a.fsdp, expert_parallel=a.expert_parallel, target_load=a.target_load,
                     load_rate=a.load_rate, save_every=a.save_every, keep_last=a.keep_last,
@@ -228,9 +234,8 @@ def parse_args(argv=None) -> RunConfig:
         p.error("--save-every must be >= 0")
     if cfg.keep_last < 1:
         p.error("--keep-last must be >= 1")
-    if cfg.baseline and (cfg.save_every or cfg.resume):
-        p.error("--baseline cannot be combined with --save-every/--resume (the control model "
-                "is not checkpointed)")
+    if cfg.eval_every < 0:
+        p.error("--eval-every must be >= 0")
     if a.quick:
         cfg.hidden_size, cfg.num_layers, cfg.intermediate_size = 64, 2, 128
         cfg.seq_len, cfg.eval_windows = min(cfg.seq_len, 64), min(cfg.eval_windows, 16)
@@ -256,7 +261,9 @@ def tiny_mixtral(cfg: RunConfig, vocab_size: int):
 
 
 def load_user_model(cfg: RunConfig):
-    """``--model PATH``: (model, tokenizer, kind) with kind 'moe' or 'mo_lora'."""
+    """``--model PATH``: (model, tokenizer, kind, control) with kind 'moe' or 'mo_lora'; the
+    control (with ``cfg.control``, MoE models only) is the model as it is, top-k of its n
+    experts (``convert_model`` with ``m = 0`` runs exactly as transformers)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(cfg.model)
@@ -268,20 +275,25 @@ def load_user_model(cfg: RunConfig):
         tokenizer = ByteTokenizer()  # e.g. the model a default run saved (byte vocab)
     if getattr(config, "adamoe", None):
         model = from_pretrained(cfg.model, backend=cfg.backend, dtype=torch.float32)
-        return model, tokenizer, config.adamoe["kind"]
+        return model, tokenizer, config.adamoe["kind"], None  # already AdaMoE: no top-k twin
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     if any(k.__name__ in SUPPORTED_MOE_MODELS for k in type(model).__mro__):
+        control = None
+        if cfg.control:
+            control = copy.deepcopy(model)
+            convert_model(control, 0, config.num_experts_per_tok, backend=cfg.backend)
         convert_model(model, cfg.num_null_experts, cfg.top_k, cfg.normalize,
                       backend=cfg.backend)
-        return model, tokenizer, "moe"
+        return model, tokenizer, "moe", control
     add_mo_lora(model, num_experts=4, num_null_experts=cfg.num_null_experts, top_k=cfg.top_k,
                 normalize=cfg.normalize or "true", backend=cfg.backend)
-    return model, tokenizer, "mo_lora"
+    return model, tokenizer, "mo_lora", None
 
 
 # ---- training ---------------------------------------------------------------------------------
 
-PHASES = ("base", "finetune", "baseline_top2")
+PHASES = ("base", "baseline_top2", "finetune")  # the control first: AdaMoE is compared with it
+BASE_SNAPSHOT = "base_top2.pt"  # the demo's base model in the checkpoint folder (the control's start)
 
 
 @torch.no_grad()
@@ -324,6 +336,7 @@ class RunState:
         self.cfg, self.par, self.data_sha256 = cfg, parallel, data_sha256
         self.log: list = []
         self.evals: dict = {}
+        self.eval_curve: list = []  # held-out evals during each fine-tune (the comparison's curves)
         self.global_step = 0
         self.phase_tokens, self.phase_seconds = 0, 0.0
         self.resume_path: Path | None = None
@@ -367,6 +380,7 @@ class RunState:
                           RuntimeWarning, stacklevel=2)
         self.resume_path, self.resume_state = path, state
         self.log, self.evals = state["log"], state["evals"]
+        self.eval_curve = state.get("eval_curve", [])
         self.global_step = state["global_step"]
         if self.par.is_main:
             print(f"resuming from {path} ({state['phase']} step {state['phase_step']})",
@@ -395,6 +409,28 @@ class RunState:
             set_rng_state(rng, self.par.device)
         return state["phase_step"]
 
+    # ---- the demo's base model, the control's starting point ----------------------------------
+
+    def save_base(self, model) -> None:
+        """With checkpoints, keep the trained base model (``BASE_SNAPSHOT``): a run resumed after
+        the base phase starts the control and the conversion from it. Rank 0 writes (every rank
+        holds the whole base model: its phase is data parallel only)."""
+        if self.ckpt is None or not self.par.is_main:
+            return
+        self.ckpt.root.mkdir(parents=True, exist_ok=True)
+        path = self.ckpt.root / BASE_SNAPSHOT
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+
+    def load_base(self, model) -> None:
+        """The base weights into ``model`` when the base phase was done before a resume."""
+        path = self.ckpt.root / BASE_SNAPSHOT
+        if not path.is_file():
+            raise ValueError(f"--resume: {path} is missing (the trained base model the control "
+                             "and the conversion start from)")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
     # ---- save ---------------------------------------------------------------------------------
 
     def maybe_save(self, phase: str, phase_step: int, wrapped, opt, sched, schedule,
@@ -408,7 +444,8 @@ class RunState:
             "alpha_schedule": asdict(schedule) if schedule is not None else None,
             "controller": ({"target_load": controller.target_load, "rate": controller.rate}
                            if controller is not None else None),
-            "log": self.log, "evals": self.evals, "config": asdict(self.cfg),
+            "log": self.log, "evals": self.evals, "eval_curve": self.eval_curve,
+            "config": asdict(self.cfg),
             "data_sha256": self.data_sha256,
         }
         self.ckpt.save(self.global_step, self.par.model_state(wrapped, opt), trainer,
@@ -418,7 +455,8 @@ class RunState:
 def train_phase(model, batches: list[torch.Tensor], *, lr: float, schedule: AlphaSchedule | None,
                 steps_per_epoch: int, phase: str, run: RunState, aux: bool,
                 controller: LoadController | None = None,
-                data_parallel_only: bool = False):
+                data_parallel_only: bool = False, eval_data: torch.Tensor | None = None,
+                eval_every: int = 0, initial_eval: tuple[float, float] | None = None):
     """One optimizer step per global batch; ``schedule(epoch)`` sets ``router_aux_loss_coef``.
 
     ``model`` is wrapped for the run's ranks (``Parallel.wrap``: DDP, FSDP2, expert parallel);
@@ -427,6 +465,12 @@ def train_phase(model, batches: list[torch.Tensor], *, lr: float, schedule: Alph
     loads are averaged over the ranks before they are logged, and the load controller (if any)
     steps every layer's ``null_bias`` from the global loads. With ``--save-every`` a checkpoint
     is written every N steps of the whole run; a resumed run continues where it left off.
+
+    Every step's record carries the phase's training seconds so far (evals left out) and its
+    expert FLOPs so far (forward + backward, from the per-layer loads). With ``eval_data`` the
+    held-out loss is measured every ``eval_every`` steps and after the last one (and
+    ``initial_eval``, the model's loss and load before the phase, is its step-0 point); the points
+    go to ``run.eval_curve``.
     """
     par, cfg = run.par, run.cfg
     wrapped = par.wrap(model, data_parallel_only=data_parallel_only)
@@ -442,7 +486,13 @@ def train_phase(model, batches: list[torch.Tensor], *, lr: float, schedule: Alph
     start = run.restore(phase, wrapped, opt, sched, controller)
     bar = _progress(total, phase, cfg.progress and par.is_main, initial=start)
     wrapped.train()
-    tokens, t0 = 0, time.perf_counter()
+    expert_flops_per_token_load = 3 * _expert_flops_per_token_load(base.config)  # fwd + bwd
+    done = [r for r in run.log if r["phase"] == phase]
+    train_s0, flops = (done[-1]["train_s"], done[-1]["expert_flops"]) if done else (0.0, 0.0)
+    if eval_data is not None and start == 0 and initial_eval is not None:
+        run.eval_curve.append({"phase": phase, "step": 0, "eval_loss": initial_eval[0],
+                               "eval_load": initial_eval[1], "train_s": 0.0, "expert_flops": 0.0})
+    tokens, t0, eval_s = 0, time.perf_counter(), 0.0
     for step in range(start, total):
         epoch = step // steps_per_epoch
         alpha = schedule(epoch) if schedule is not None else getattr(
@@ -469,10 +519,12 @@ def train_phase(model, batches: list[torch.Tensor], *, lr: float, schedule: Alph
             controller.update(base)
         values = stats.tolist()
         tokens += batches[step].numel()
-        elapsed = time.perf_counter() - t0
+        flops += batches[step].numel() * sum(values[3:]) * expert_flops_per_token_load
+        elapsed = time.perf_counter() - t0 - eval_s
         rec = {"phase": phase, "step": step, "epoch": epoch, "loss": values[0],
                "lm_loss": values[1], "aux_loss": values[2], "alpha": alpha, "load": values[3:],
-               "tokens_per_s": tokens / elapsed}
+               "tokens_per_s": tokens / elapsed, "train_s": train_s0 + elapsed,
+               "expert_flops": flops}
         if controller is not None:
             rec["null_bias"] = [float(layer.null_bias) for layer in layers]
         run.log.append(rec)
@@ -482,11 +534,25 @@ def train_phase(model, batches: list[torch.Tensor], *, lr: float, schedule: Alph
             bar.set_postfix(loss=f"{values[1]:.3f}", load=f"{sum(loads) / len(loads):.2f}",
                             tok_s=f"{tokens / elapsed:.0f}")
             bar.update(1)
+        if eval_data is not None and ((step + 1) % eval_every == 0 or step + 1 == total):
+            t_eval = time.perf_counter()
+            loss_eval, load_eval = evaluate(wrapped, eval_data, cfg.batch_size, par)
+            run.eval_curve.append({"phase": phase, "step": step + 1, "eval_loss": loss_eval,
+                                   "eval_load": load_eval, "train_s": rec["train_s"],
+                                   "expert_flops": flops})
+            eval_s += time.perf_counter() - t_eval
         run.maybe_save(phase, step + 1, wrapped, opt, sched, schedule, controller)
     if bar is not None:
         bar.close()
-    run.phase_tokens, run.phase_seconds = tokens, time.perf_counter() - t0
+    run.phase_tokens, run.phase_seconds = tokens, time.perf_counter() - t0 - eval_s
     return wrapped
+
+
+def _expert_flops_per_token_load(config) -> float:
+    """Forward FLOPs of one routed expert on one token in one layer (``2 * 3 H I``)."""
+    every_layer = (forward_flops_per_token(config, 1.0, 0, 0)
+                   - forward_flops_per_token(config, 0.0, 0, 0))
+    return every_layer / config.num_hidden_layers
 
 
 # ---- plots ------------------------------------------------------------------------------------
@@ -584,7 +650,7 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
         tokenizer = ByteTokenizer()
         ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     else:
-        model, tokenizer, kind = load_user_model(cfg)
+        model, tokenizer, kind, control = load_user_model(cfg)
         ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)
     run_state = RunState(cfg, par, hashlib.sha256(ids.numpy().tobytes()).hexdigest())
     run_state.find_resume_point()
@@ -612,15 +678,19 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
                                   run=run_state, aux=True, data_parallel_only=True)
             model = par.unwrap(wrapped)
             del wrapped  # its DDP hooks go with it
+            run_state.save_base(model)
+        elif cfg.control or not run_state.done("baseline_top2"):
+            run_state.load_base(model)  # the control and the conversion start from it
         if "base_top2" not in evals:
             evals["base_top2"], _ = evaluate(model, eval_data, cfg.batch_size, par)
-        baseline = copy.deepcopy(model) if cfg.baseline else None
+        control = copy.deepcopy(model) if cfg.control else None
+        control_eval = (evals["base_top2"], 2.0)
         # 2) AdaMoE: m null experts, top-k over n+m, router rows copied (paper §4.2.1)
         convert_model(model, cfg.num_null_experts, cfg.top_k, cfg.normalize,
                       backend=cfg.backend)
     else:
         model = model.to(par.device)
-        baseline = None
+        control_eval = None
         description = f"{type(model).__name__} from {cfg.model}"
         held = int(ids.numel() * 0.9)
         ft_train, ft_eval = ids[:held], ids[held:]
@@ -635,22 +705,33 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
         order = torch.randperm(sample.shape[0], generator=gen)
         ft_batches += [sample[order[i:i + cfg.batch_size]]
                        for i in range(0, sample.shape[0], cfg.batch_size)]
+    eval_every = cfg.eval_every or max(1, len(ft_batches) // 8)
+    if control is not None:  # the top-2 model fine-tuned on the same batches, evaluated alike
+        if not run_state.done("baseline_top2"):
+            control = control.to(par.device)
+            if control_eval is None:
+                control_eval = evaluate(control, eval_data, cfg.batch_size, par)
+            wrapped = train_phase(control, ft_batches, lr=cfg.lr, schedule=AlphaSchedule(),
+                                  steps_per_epoch=cfg.steps_per_epoch, phase="baseline_top2",
+                                  run=run_state, aux=True, eval_data=eval_data,
+                                  eval_every=eval_every, initial_eval=control_eval)
+            del wrapped
+        del control
+        points = [c for c in run_state.eval_curve if c["phase"] == "baseline_top2"]
+        evals["top2_finetuned"] = points[-1]["eval_loss"]
     controller = (LoadController(cfg.target_load, cfg.load_rate)
                   if cfg.target_load is not None else None)
     wrapped = train_phase(model, ft_batches, lr=cfg.lr, schedule=AlphaSchedule(),
                           steps_per_epoch=cfg.steps_per_epoch, phase="finetune", run=run_state,
-                          aux=True, controller=controller)
+                          aux=True, controller=controller, eval_data=eval_data,
+                          eval_every=eval_every,
+                          initial_eval=(evals["before"], evals.get("load_before", 2.0)))
     ft_tokens, ft_seconds = run_state.phase_tokens, run_state.phase_seconds
-    evals["after"], load_after = evaluate(wrapped, eval_data, cfg.batch_size, par)
+    points = [c for c in run_state.eval_curve if c["phase"] == "finetune"]
+    evals["after"], load_after = points[-1]["eval_loss"], points[-1]["eval_load"]
     log = run_state.log
     ft_log = [r for r in log if r["phase"] == "finetune"]
     final_load = ft_log[-1]["load"] if ft_log else []
-    if baseline is not None:  # control: the top-2 model fine-tuned on the same batches
-        control = train_phase(baseline.to(par.device), ft_batches, lr=cfg.lr,
-                              schedule=AlphaSchedule(), steps_per_epoch=cfg.steps_per_epoch,
-                              phase="baseline_top2", run=run_state, aux=True)
-        evals["top2_finetuned"], _ = evaluate(control, eval_data, cfg.batch_size, par)
-        del control
 
     # FLOPs vs the top-2 model (MoE models; Mo-LoRA experts add negligible FLOPs)
     n, m, k = info["num_experts"], info["num_null_experts"], info["top_k"]
@@ -685,8 +766,14 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
         "finetune_tokens_per_s": ft_tokens / ft_seconds if ft_seconds > 0 else None,
         "wall_seconds": time.perf_counter() - t_start,
         "torch_threads": torch.get_num_threads(),
+        "comparison": comparison.compare(run_state.eval_curve, log,
+                                         cfg.batch_size * cfg.seq_len),
     }
-    plots = write_plots(cfg.out, log, evals, flops_curve, k) if cfg.plots and par.is_main else []
+    plots = []
+    if cfg.plots and par.is_main:
+        plots = write_plots(cfg.out, log, evals, flops_curve, k)
+        compared = comparison.plot(os.path.join(cfg.out, "vs_control.png"), run_state.eval_curve)
+        plots += [compared] if compared else []
     summary["plots"] = plots
     if cfg.save_model:
         par.save_pretrained(wrapped, os.path.join(cfg.out, "model"))
@@ -694,7 +781,8 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
     summary["log"] = os.path.join(cfg.out, "log.json")
     if par.is_main:
         with open(summary["log"], "w") as f:
-            json.dump({"config": asdict(cfg), "summary": summary, "steps": log}, f, indent=1)
+            json.dump({"config": asdict(cfg), "summary": summary, "steps": log,
+                       "eval_curve": run_state.eval_curve}, f, indent=1)
         print_summary(summary, k)
     return summary
 
@@ -714,9 +802,6 @@ def print_summary(s: dict, k: int) -> None:
     if "base_top2" in ev:
         lines.append(f"  eval loss  : base top-2 {ev['base_top2']:.4f}")
     lines.append(f"  eval loss  : before fine-tune {ev['before']:.4f} -> after {ev['after']:.4f}")
-    if "top2_finetuned" in ev:
-        lines.append(f"  eval loss  : control, top-2 fine-tuned on the same batches "
-                     f"{ev['top2_finetuned']:.4f}")
     lines.append(f"  load       : eval {s['eval_load_before']:.3f} -> {s['eval_load_after']:.3f} "
                  f"(k = {k}, top-2 = 2.00); last train step per layer "
                  f"[{', '.join(f'{x:.2f}' for x in s['final_train_load_per_layer'])}]")
@@ -727,6 +812,8 @@ def print_summary(s: dict, k: int) -> None:
     if s["finetune_tokens_per_s"] is not None:
         lines.append(f"  speed      : {s['finetune_tokens_per_s']:.0f} tokens/s fine-tuning, "
                      f"{s['wall_seconds']:.0f} s in all ({s['torch_threads']} threads)")
+    if s.get("comparison"):
+        lines += comparison.summary_lines(s["comparison"])
     lines.append(f"  log        : {s['log']}")
     if s["plots"]:
         lines.append(f"  plots      : {', '.join(s['plots'])}")
