@@ -19,8 +19,8 @@ batch (``torch.no_grad()``, all points timed interleaved with ``timing.bench_man
 points: the fine-tuned model as trained (``natural``: bias 0, no top-p) and, for time only, the
 same weights with the null experts removed (``top2_same_weights``: ``ak.convert_model(copy, 0, 2)``
 keeps the true router rows; its loss is *not* that of a trained top-2 model). The top-2 base
-model's eval loss (and the top-2 control fine-tuned on the same batches, with
-``--finetune-args=--baseline``) come from the fine-tuning run's log.
+model's eval loss and that of the top-2 control fine-tuned on the same batches (the command's
+default; ``--finetune-args=--no-control`` skips it) come from the fine-tuning run's log.
 
     python bench/load_dial.py --quick
 """
@@ -67,7 +67,7 @@ def parse_args(argv=None):
                         "default: a temporary folder, deleted afterwards")
     p.add_argument("--finetune-args", default="",
                    help="extra arguments for the in-process fine-tuning run, e.g. "
-                        "'--baseline' or '--base-steps 100' (--quick adds its --quick)")
+                        "'--no-control' or '--base-steps 100' (--quick adds its --quick)")
     p.add_argument("--loads", type=float, nargs="+", default=None,
                    help=f"load-dial targets, clipped to <= k (default {' '.join(map(str, LOADS))})")
     p.add_argument("--top-p", type=float, nargs="+", default=None,

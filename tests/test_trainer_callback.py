@@ -96,3 +96,33 @@ def test_controller_raises_bias_and_plain_model_is_refused(tmp_path):
                                  train_dataset=_data(), callbacks=[ak.AdaMoECallback()])
     with pytest.raises(ValueError, match="no AdaMoE layers"):
         plain.train()
+
+
+def test_readme_example_trainer_with_peft_lora_on_the_experts(tmp_path):
+    """The README's example: PEFT LoRA on the router and the experts' parameters of a converted
+    model, trained by ``transformers.Trainer`` with ``ak.AdaMoECallback``."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = ft.RunConfig(hidden_size=32, intermediate_size=64, num_layers=2, seq_len=32)
+    model = ak.convert_model(ft.tiny_mixtral(cfg, 256), num_null_experts=8, top_k=3,
+                             backend="cpu")
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n for n in trainable)
+    assert any("experts" in n for n in trainable) and any(".gate.lora" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4,
+        learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                                   callbacks=[ak.AdaMoECallback()])
+    trainer.train()
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(hist) == 8 and all(0 <= h["adamoe/load"] <= 3 for h in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    moved = {n for n, p in model.named_parameters() if n in trainable
+             and not torch.equal(p.detach(), before[n])}
+    assert any("experts" in n for n in moved) and any(".gate.lora" in n for n in moved)

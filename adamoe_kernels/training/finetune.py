@@ -2,12 +2,14 @@
 
 With no arguments it runs an embedded demo that needs no network: a tiny Mixtral (byte-level,
 ``n = 8`` experts, top-2) is first trained briefly as a plain top-2 MoE on part of the Python docs
-that ship with CPython (``pydoc_data.topics``), standing in for a pretrained MoE; it is then
-converted to AdaMoE (paper §4.2: ``m = 8`` null experts, top-3, router rows copied) and
-fine-tuned for 2 epochs on a fixed sample of the other part with the null-aware loss annealed by
-``ak.AlphaSchedule()`` (α = 0.02, then 0.0001). It prints the eval loss before and after
-fine-tuning and the final load, and writes ``log.json`` and PNG plots (loss, per-layer load,
-FLOPs saved vs top-2) to ``--out``.
+that ship with CPython (``pydoc_data.topics``), standing in for a pretrained MoE. That model is
+fine-tuned as it is, the control; then it is converted to AdaMoE (paper §4.2: ``m = 8`` null
+experts, top-3, router rows copied) and fine-tuned alike, for 2 epochs on the same fixed sample of
+the other part, with the null-aware loss annealed by ``ak.AlphaSchedule()`` (α = 0.02, then
+0.0001). Both are evaluated on the same held-out windows during their runs. It prints the eval
+loss before and after fine-tuning, the final load and the comparison with the control
+(``training.comparison``), and writes ``log.json`` and PNG plots (loss, per-layer load, FLOPs
+saved vs top-2, eval loss of both runs vs step, wall-clock and expert FLOPs) to ``--out``.
 
 ``--model PATH`` fine-tunes a local checkpoint instead (with its tokenizer): MoE models
 (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) get null experts via ``ak.convert_model``, dense models
