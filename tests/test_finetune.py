@@ -92,3 +92,25 @@ def test_parse_args_quick_shrinks_run():
     assert cfg.num_layers == 2 and cfg.steps_per_epoch <= 25 and cfg.base_steps <= 60
     assert finetune.parse_args([]).out == "runs/finetune"
     assert finetune.parse_args([]).control and not finetune.parse_args(["--no-control"]).control
+
+
+def test_user_moe_model_gets_its_own_top_k_as_control(tmp_path):
+    """``--model PATH`` with a plain transformers Mixtral: the control is that model as it is
+    (top-2 of its 8 experts), fine-tuned on the same batches before the AdaMoE conversion."""
+    import torch
+
+    torch.manual_seed(0)
+    cfg = finetune.RunConfig(hidden_size=32, num_layers=2, intermediate_size=48)
+    finetune.tiny_mixtral(cfg, 256).save_pretrained(tmp_path / "mixtral")  # byte vocabulary
+    out = tmp_path / "run"
+    finetune.main(["--model", str(tmp_path / "mixtral"), "--out", str(out), "--backend", "torch",
+                   "--steps-per-epoch", "2", "--batch-size", "2", "--seq-len", "16",
+                   "--eval-windows", "2", "--no-progress", "--no-save", "--no-plots"])
+    log = json.loads((out / "log.json").read_text())
+    control = [r for r in log["steps"] if r["phase"] == "baseline_top2"]
+    assert len(control) == 4 and all(r["load"] == [2.0, 2.0] for r in control)
+    assert [r["phase"] for r in log["steps"]] == ["baseline_top2"] * 4 + ["finetune"] * 4
+    cmp = log["summary"]["comparison"]
+    assert cmp["control"]["final_eval_load"] == 2.0
+    before = [p for p in log["eval_curve"] if p["step"] == 0]
+    assert before[0]["eval_loss"] == before[1]["eval_loss"]  # m = 0 and the conversion tie
