@@ -1,7 +1,11 @@
 """adamoe-finetune checks every argument up front (issue 22, item 7): a bad one exits with code 2
 and a message naming it, before any model is built or trained."""
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +70,18 @@ def test_adamoe_model_keeps_its_own_routing(tmp_path):
                                                              "adamoe": {"kind": "moe"}}))
     cfg = finetune.parse_args(QUICK + ["--model", str(tmp_path / "m"), "-k", "9", "-m", "0"])
     assert cfg.top_k == 9
+
+
+def test_corrupt_resume_path_one_line_error(tmp_path):
+    """An explicit --resume PATH whose manifest is broken: exit code 1, one line, no traceback."""
+    ckpt = tmp_path / "step-2"
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text("{truncated")
+    env = dict(os.environ, PYTHONPATH=str(Path(finetune.__file__).parents[2]))
+    r = subprocess.run([sys.executable, "-m", "adamoe_kernels.training.finetune", *QUICK,
+                        "--backend", "torch", "--out", str(tmp_path / "out"),
+                        "--resume", str(ckpt)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"adamoe-finetune: error: --resume {ckpt}" in r.stderr

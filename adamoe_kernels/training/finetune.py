@@ -44,7 +44,7 @@ from ..integrations.hf_models import adamoe_layers
 from ..integrations.load_control import LoadController
 from ..losses import AlphaSchedule
 from ..ops.backend import BACKENDS, resolve_backend
-from .checkpoint import MANIFEST, Checkpointer, rng_state, set_rng_state
+from .checkpoint import MANIFEST, CheckpointError, Checkpointer, rng_state, set_rng_state
 from .parallel import Parallel
 
 
@@ -150,6 +150,11 @@ class RunConfig:
 # (torch.distributed.checkpoint reshards). Everything else must match the checkpoint.
 RESUME_MAY_CHANGE = ("out", "save_model", "plots", "progress", "device", "backend", "fsdp",
                      "expert_parallel", "save_every", "keep_last", "checkpoint_dir", "resume")
+
+
+class ResumeError(ValueError):
+    """``--resume``: the checkpoint cannot be continued from (corrupt, other settings or text);
+    ``main`` prints the message on one line and exits with code 1."""
 
 
 def _model_experts(p: argparse.ArgumentParser, model: str) -> int | None:
@@ -400,7 +405,7 @@ class RunState:
             path = Path(cfg.resume)
             error = self.ckpt.verify_all(path)
             if error is not None:
-                raise ValueError(f"--resume {path}: {error}")
+                raise ResumeError(f"--resume {path}: {error}")
         if path is None:
             if self.par.is_main:
                 print(f"--resume: no checkpoint in {self.ckpt.root}; starting from the beginning",
@@ -410,10 +415,10 @@ class RunState:
         saved, now = state["config"], asdict(cfg)
         changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
         if changed:
-            raise ValueError(f"--resume {path}: the checkpoint was written with other settings: "
+            raise ResumeError(f"--resume {path}: the checkpoint was written with other settings: "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in changed))
         if state["data_sha256"] != self.data_sha256:
-            raise ValueError(f"--resume {path}: the training text differs from the checkpoint's")
+            raise ResumeError(f"--resume {path}: the training text differs from the checkpoint's")
         if state["world_size"] != self.par.world_size and self.par.is_main:
             warnings.warn(f"--resume {path}: saved by {state['world_size']} processes, resumed by "
                           f"{self.par.world_size}: the model and optimizer are resharded, but "
@@ -789,7 +794,11 @@ def print_summary(s: dict, k: int) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    run(cfg)
+    try:
+        run(cfg)
+    except (ResumeError, CheckpointError) as err:
+        print(f"adamoe-finetune: error: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
