@@ -85,3 +85,17 @@ def test_corrupt_resume_path_one_line_error(tmp_path):
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert f"adamoe-finetune: error: --resume {ckpt}" in r.stderr
+
+
+def test_resume_from_final_checkpoint_nothing_left(tmp_path, capsys):
+    """Resuming the final checkpoint (issue 22, item 10b): says so, no '0 tokens/s' speed."""
+    args = QUICK + ["--backend", "torch", "--epochs", "1", "--out", str(tmp_path),
+                    "--save-every", "1", "--keep-last", "1"]
+    first = finetune.run(finetune.parse_args(args))
+    assert first["finetune_tokens_per_s"] > 0
+    capsys.readouterr()
+    again = finetune.run(finetune.parse_args(args + ["--resume"]))
+    out = capsys.readouterr().out
+    assert again["finetune_tokens_per_s"] is None
+    assert "nothing left to train: resumed from the final checkpoint" in out
+    assert "0 tokens/s" not in out

@@ -741,7 +741,7 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
                                   / forward_flops_per_token(model.config, 2.0, n,
                                                             cfg.seq_len))}
             if kind == "moe" else None),
-        "finetune_tokens_per_s": ft_tokens / ft_seconds if ft_seconds > 0 else None,
+        "finetune_tokens_per_s": ft_tokens / ft_seconds if ft_tokens and ft_seconds > 0 else None,
         "wall_seconds": time.perf_counter() - t_start,
         "torch_threads": torch.get_num_threads(),
     }
@@ -786,6 +786,8 @@ def print_summary(s: dict, k: int) -> None:
     if s["finetune_tokens_per_s"] is not None:
         lines.append(f"  speed      : {s['finetune_tokens_per_s']:.0f} tokens/s fine-tuning, "
                      f"{s['wall_seconds']:.0f} s in all ({s['torch_threads']} threads)")
+    elif s["resumed_from"]:
+        lines.append("  speed      : nothing left to train: resumed from the final checkpoint")
     lines.append(f"  log        : {s['log']}")
     if s["plots"]:
         lines.append(f"  plots      : {', '.join(s['plots'])}")
