@@ -47,7 +47,7 @@ from ..integrations.load_control import LoadController
 from ..losses import AlphaSchedule
 from ..ops.backend import BACKENDS, resolve_backend
 from . import comparison
-from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .checkpoint import MANIFEST, CheckpointError, Checkpointer, rng_state, set_rng_state
 from .parallel import Parallel
 
 
@@ -156,6 +156,64 @@ RESUME_MAY_CHANGE = ("out", "save_model", "plots", "progress", "device", "backen
                      "expert_parallel", "save_every", "keep_last", "checkpoint_dir", "resume")
 
 
+class ResumeError(ValueError):
+    """``--resume``: the checkpoint cannot be continued from (corrupt, other settings or text);
+    ``main`` prints the message on one line and exits with code 1."""
+
+
+def _model_experts(p: argparse.ArgumentParser, model: str) -> int | None:
+    """The number of true experts k is chosen from for ``--model DIR`` (its config.json), or
+    None when DIR is already an adamoe model (its own routing is kept)."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        p.error(f"--model {model}: config.json is unreadable ({err})")
+    if config.get("adamoe"):
+        return None
+    n = config.get("num_local_experts") or config.get("num_experts")
+    return n if isinstance(n, int) and n > 0 else 4  # not an MoE: add_mo_lora's 4 LoRA experts
+
+
+def _check_args(p: argparse.ArgumentParser, cfg: RunConfig) -> None:
+    """Every argument checked before any work: ``p.error`` (exit code 2) names the bad one."""
+    for flag, value in (("--batch-size", cfg.batch_size), ("--eval-windows", cfg.eval_windows),
+                        ("--steps-per-epoch", cfg.steps_per_epoch), ("--seq-len", cfg.seq_len),
+                        ("--epochs", cfg.epochs)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if cfg.base_steps < 0:
+        p.error(f"--base-steps must be >= 0, got {cfg.base_steps}")
+    if cfg.num_null_experts < 0:
+        p.error(f"--num-null-experts must be >= 0, got {cfg.num_null_experts}")
+    for flag, value in (("--lr", cfg.lr), ("--base-lr", cfg.base_lr),
+                        ("--load-rate", cfg.load_rate)):
+        if not value > 0:
+            p.error(f"{flag} must be > 0, got {value}")
+    n = cfg.num_experts
+    if cfg.model is not None:
+        if not (Path(cfg.model) / "config.json").is_file():
+            p.error(f"--model {cfg.model}: not a directory with a config.json")
+        n = _model_experts(p, cfg.model)
+    if cfg.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {cfg.top_k}")
+    if n is not None and cfg.top_k > n + cfg.num_null_experts:
+        p.error(f"--top-k {cfg.top_k} exceeds the {n} true + {cfg.num_null_experts} null experts")
+    if cfg.target_load is not None:
+        if cfg.num_null_experts == 0 and n is not None:
+            p.error("--target-load needs null experts (--num-null-experts 0: the load is always k)")
+        if not 0 < cfg.target_load <= cfg.top_k:
+            p.error(f"--target-load must be in (0, k={cfg.top_k}], got {cfg.target_load}")
+    if cfg.text is not None and not (Path(cfg.text).is_file() and os.access(cfg.text, os.R_OK)):
+        p.error(f"--text {cfg.text}: not a readable file")
+    if cfg.resume not in (None, "latest") and not (Path(cfg.resume) / MANIFEST).is_file():
+        p.error(f"--resume {cfg.resume}: no such checkpoint folder (no {MANIFEST} in it)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for flag, rows in (("--batch-size", cfg.batch_size), ("--eval-windows", cfg.eval_windows)):
+        if rows % world:
+            p.error(f"{flag} ({rows}) must be divisible by the number of processes ({world}): "
+                    "each rank takes an equal share of the rows")
+
+
 def parse_args(argv=None) -> RunConfig:
     p = argparse.ArgumentParser(
         prog="adamoe-finetune",
@@ -232,6 +290,7 @@ def parse_args(argv=None) -> RunConfig:
                     fsdp=a.fsdp, expert_parallel=a.expert_parallel, target_load=a.target_load,
                     load_rate=a.load_rate, save_every=a.save_every, keep_last=a.keep_last,
                     checkpoint_dir=a.checkpoint_dir, resume=a.resume)
+    _check_args(p, cfg)
     if cfg.save_every < 0:
         p.error("--save-every must be >= 0")
     if cfg.keep_last < 1:
@@ -361,7 +420,7 @@ class RunState:
             path = Path(cfg.resume)
             error = self.ckpt.verify_all(path)
             if error is not None:
-                raise ValueError(f"--resume {path}: {error}")
+                raise ResumeError(f"--resume {path}: {error}")
         if path is None:
             if self.par.is_main:
                 print(f"--resume: no checkpoint in {self.ckpt.root}; starting from the beginning",
@@ -371,10 +430,10 @@ class RunState:
         saved, now = state["config"], asdict(cfg)
         changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
         if changed:
-            raise ValueError(f"--resume {path}: the checkpoint was written with other settings: "
+            raise ResumeError(f"--resume {path}: the checkpoint was written with other settings: "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in changed))
         if state["data_sha256"] != self.data_sha256:
-            raise ValueError(f"--resume {path}: the training text differs from the checkpoint's")
+            raise ResumeError(f"--resume {path}: the training text differs from the checkpoint's")
         if state["world_size"] != self.par.world_size and self.par.is_main:
             warnings.warn(f"--resume {path}: saved by {state['world_size']} processes, resumed by "
                           f"{self.par.world_size}: the model and optimizer are resharded, but "
@@ -765,7 +824,7 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
                                   / forward_flops_per_token(model.config, 2.0, n,
                                                             cfg.seq_len))}
             if kind == "moe" else None),
-        "finetune_tokens_per_s": ft_tokens / ft_seconds if ft_seconds > 0 else None,
+        "finetune_tokens_per_s": ft_tokens / ft_seconds if ft_tokens and ft_seconds > 0 else None,
         "wall_seconds": time.perf_counter() - t_start,
         "torch_threads": torch.get_num_threads(),
         "comparison": comparison.compare(run_state.eval_curve, log,
@@ -814,6 +873,8 @@ def print_summary(s: dict, k: int) -> None:
     if s["finetune_tokens_per_s"] is not None:
         lines.append(f"  speed      : {s['finetune_tokens_per_s']:.0f} tokens/s fine-tuning, "
                      f"{s['wall_seconds']:.0f} s in all ({s['torch_threads']} threads)")
+    elif s["resumed_from"]:
+        lines.append("  speed      : nothing left to train: resumed from the final checkpoint")
     if s.get("comparison"):
         lines += comparison.summary_lines(s["comparison"])
     lines.append(f"  log        : {s['log']}")
@@ -824,7 +885,11 @@ def print_summary(s: dict, k: int) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    run(cfg)
+    try:
+        run(cfg)
+    except (ResumeError, CheckpointError) as err:
+        print(f"adamoe-finetune: error: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
