@@ -24,16 +24,23 @@ that looks complete). Nothing saved is ever written again: a taken name gets a s
 Load: the newest checkpoint first. One whose manifest is missing or unreadable, or a file of
 which is missing, of the wrong size or with the wrong checksum, is reported by a
 ``CheckpointWarning`` naming the file, renamed to ``*.corrupt`` and skipped for the previous one.
+
+One run at a time: ``CheckpointLock(root)`` is an exclusive ``flock`` on ``root/.lock`` (holding
+the holder's pid and host), taken by ``adamoe-finetune`` (rank 0) for the whole run, resumed runs
+included; a second run on the same folder fails at once with ``CheckpointLockError`` naming the
+folder and the holder. The kernel drops the lock when the holder dies, however it dies.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -41,11 +48,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["CheckpointError", "CheckpointWarning", "Checkpointer", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "CheckpointLock", "CheckpointLockError", "CheckpointWarning",
+           "Checkpointer", "rng_state", "set_rng_state"]
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 TRAINER = "trainer.pt"
+LOCK = ".lock"
 _NAME = re.compile(r"^step-(\d{8})(?:\.(\d+))?$")
 # Test hook: "during:N" or "after:N" makes every rank stop (sleep until killed) in the middle of
 # writing the checkpoint of step N (payload written, no manifest yet) or right after it. Rank 0
@@ -59,6 +68,89 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (corrupted or truncated) for the previous one."""
+
+
+class CheckpointLockError(CheckpointError):
+    """Another run holds the checkpoint folder; the message names the folder and the holder."""
+
+
+# ---- one run per folder -------------------------------------------------------------------------
+
+class CheckpointLock:
+    """An exclusive lock on the checkpoint folder ``root`` for one run (``root/.lock``).
+
+    ``acquire()`` creates ``root`` if needed and takes an exclusive, non-blocking ``flock`` on
+    ``root/.lock``, then writes the holder (pid, host, start time) into it; if another process
+    holds it, it raises ``CheckpointLockError`` naming the folder and that holder. ``release()``
+    removes the file and drops the lock; a holder that dies (even by SIGKILL) drops it too, and
+    the file it leaves is reused. Also a context manager.
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.path = self.root / LOCK
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> str:
+        """Who holds the lock, as written by the holder ("pid 123 on host, since ...")."""
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not isinstance(info, dict) or "pid" not in info:
+            return "a process that has not written its pid yet"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+        return f"pid {info['pid']} on {info.get('host', '?')}, since {since}"
+
+    def acquire(self) -> "CheckpointLock":
+        if self._fd is not None:
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CheckpointLockError(
+                    f"checkpoint folder {self.root} is in use by another run ({self.holder()}; "
+                    f"lock file {self.path}): one run at a time may use a checkpoint folder. "
+                    "Wait for that run to end (or stop it), or pass another --checkpoint-dir/--out"
+                ) from None
+            # A releasing holder unlinks the file before it unlocks: if we locked a file that is
+            # no longer at the path, lock the one there now.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)  # drops the flock
+        self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 # ---- RNG states ---------------------------------------------------------------------------------

@@ -47,8 +47,9 @@ from ..integrations.load_control import LoadController
 from ..losses import AlphaSchedule
 from ..ops.backend import BACKENDS, resolve_backend
 from . import comparison
-from .checkpoint import MANIFEST, CheckpointError, Checkpointer, rng_state, set_rng_state
-from .parallel import Parallel
+from .checkpoint import (MANIFEST, CheckpointError, Checkpointer, CheckpointLock, rng_state,
+                         set_rng_state)
+from .parallel import Parallel, watch_launcher
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -404,8 +405,8 @@ class RunState:
         self.resume_state: dict | None = None
         self.ckpt = None
         if cfg.save_every or cfg.resume:
-            root = cfg.checkpoint_dir or os.path.join(cfg.out, "checkpoints")
-            self.ckpt = Checkpointer(root, keep_last=cfg.keep_last, parallel=parallel)
+            self.ckpt = Checkpointer(checkpoint_root(cfg), keep_last=cfg.keep_last,
+                                     parallel=parallel)
 
     # ---- resume -------------------------------------------------------------------------------
 
@@ -687,13 +688,32 @@ def write_plots(out_dir: str, log: list, evals: dict, flops_curve: list, top_k: 
 
 # ---- main -------------------------------------------------------------------------------------
 
+def checkpoint_root(cfg: RunConfig) -> str:
+    return cfg.checkpoint_dir or os.path.join(cfg.out, "checkpoints")
+
+
 def run(cfg: RunConfig) -> dict:
-    """The whole run (a collective under torchrun: every rank calls it); returns the summary."""
-    par = Parallel.setup(fsdp=cfg.fsdp, expert_parallel=cfg.expert_parallel, device=cfg.device)
+    """The whole run (a collective under torchrun: every rank calls it); returns the summary.
+
+    Under torchrun every worker ends when its launcher dies (``watch_launcher``), and with
+    checkpoints rank 0 holds the checkpoint folder's lock (``CheckpointLock``) for the whole run,
+    taken before any work: a second run on the folder fails at once, naming the holder."""
+    watch_launcher()
+    lock = None
+    rank = (torch.distributed.get_rank() if torch.distributed.is_initialized()
+            else int(os.environ.get("RANK", "0")))
+    if (cfg.save_every or cfg.resume) and rank == 0:
+        lock = CheckpointLock(checkpoint_root(cfg)).acquire()
     try:
-        return _run(cfg, par)
+        par = Parallel.setup(fsdp=cfg.fsdp, expert_parallel=cfg.expert_parallel,
+                             device=cfg.device)
+        try:
+            return _run(cfg, par)
+        finally:
+            par.close()
     finally:
-        par.close()
+        if lock is not None:
+            lock.release()
 
 
 def _run(cfg: RunConfig, par: Parallel) -> dict:

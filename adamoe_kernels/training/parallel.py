@@ -28,12 +28,23 @@ reduced so that a run equals the single-process run on the same global batch:
 ``model_state`` / ``load_model_state`` give the sharded state of model and optimizer for
 ``torch.distributed.checkpoint`` (expert shards as ``DTensor`` with ``Shard(0)``, so a
 checkpoint reloads on another world size); ``save_pretrained`` gathers a full copy for rank 0.
+
+Lifetime under ``torchrun``: ``watch_launcher()`` makes a worker end when its launcher dies
+(torchrun starts the workers in sessions of their own, so a SIGKILL of torchrun, even of its
+process group, would leave them running); ``close()`` destroys the process group *and* drops
+what keeps torch's gloo group alive past ``destroy_process_group`` (see ``_import_before_init``
+and ``_drop_cached_groups``), so no gloo thread is left to be torn down at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import inspect
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -44,7 +55,89 @@ from torch import nn
 from ..losses import aux_loss_from_terms, aux_loss_terms, null_aware_aux_loss
 from .distributed import shard_experts, sharded_expert_parameters
 
-__all__ = ["Parallel", "resolve_device"]
+__all__ = ["Parallel", "resolve_device", "watch_launcher"]
+
+# Set by torchrun (torch.distributed.elastic) in the environment of every worker it starts.
+LAUNCHER_ENV = "TORCHELASTIC_RUN_ID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_watching = False
+
+
+def watch_launcher(sig: int = signal.SIGTERM) -> bool:
+    """Under ``torchrun``: have this worker receive ``sig`` (default SIGTERM, which ends it) as
+    soon as its launcher dies. Returns whether a watch is set (``False`` outside torchrun).
+
+    torchrun starts every worker in a session of its own (``start_new_session=True`` in
+    ``torch.distributed.elastic``), so a SIGKILL of torchrun, or of its process group, reaches
+    no worker: they would train on and keep writing checkpoints. On Linux the kernel delivers
+    ``sig`` when the parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread
+    watches ``os.getppid()`` every 0.5 s. Idempotent; call it first thing in a worker."""
+    global _watching
+    if _watching:
+        return True
+    if LAUNCHER_ENV not in os.environ:
+        return False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+            _watching = True
+            return True
+    parent, stop = os.getppid(), threading.Event()
+
+    def watch():
+        while not stop.wait(0.5):
+            if os.getppid() != parent:
+                os.kill(os.getpid(), sig)
+                return
+
+    thread = threading.Thread(target=watch, name="adamoe-launcher-watch", daemon=True)
+    thread.start()
+    atexit.register(lambda: (stop.set(), thread.join(2.0)))
+    _watching = True
+    return True
+
+
+def _import_before_init() -> None:
+    """Import ``torch._dynamo`` before the process group exists.
+
+    DDP and FSDP2 import it lazily; imported after ``init_process_group`` it keeps references
+    to the default group (torch 2.13) that ``destroy_process_group`` does not drop, so the gloo
+    group and its threads (``pt_gloo_runloop``, ``gloo_tcp_loop``) outlive ``close()`` and are
+    torn down during interpreter finalization, which now and then aborts a rank at exit with
+    "terminate called without an active exception". Imported first, it holds no group."""
+    import torch._dynamo  # noqa: F401
+
+
+def _drop_cached_groups() -> None:
+    """Clear DTensor's caches (FSDP2 and the expert shards' DTensors fill them): their entries
+    keep device meshes, hence process groups, alive after ``destroy_process_group`` (the same
+    exit-time teardown as in ``_import_before_init``). Measured holders (torch 2.13): the
+    sharding-propagation cache, ``MeshTopoInfo.build_from_mesh``'s lru_cache, the redistribute
+    planner cache and ``_gen_transform_infos``' cache; each is cleared where this torch has it."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    try:
+        from torch.distributed.tensor import debug
+
+        debug._clear_sharding_prop_cache()
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - other torch
+        clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+        if clear is not None:
+            clear()
+    try:
+        from torch.distributed.tensor import _collective_utils, _redistribute
+    except ImportError:  # pragma: no cover - other torch
+        return
+    for clear in (getattr(getattr(_collective_utils, "MeshTopoInfo", None), "build_from_mesh",
+                          None),
+                  getattr(_redistribute, "_gen_transform_infos", None)):
+        if hasattr(clear, "cache_clear"):
+            clear.cache_clear()
+    planner = getattr(_redistribute, "clear_redistribute_planner_cache", None)
+    if planner is not None:
+        planner()
 
 
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
@@ -101,6 +194,7 @@ class Parallel:
         dev = resolve_device(device, local_rank)
         owns = False
         if not dist.is_initialized():
+            _import_before_init()
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
@@ -143,8 +237,13 @@ class Parallel:
         return out
 
     def close(self) -> None:
-        """Destroy the process group if ``setup`` created it."""
+        """Destroy the process group if ``setup`` created it, with every reference this object
+        and torch's caches hold to it, so its threads end here and not at interpreter exit."""
         if self.owns_process_group and dist.is_initialized():
+            self._mesh = self._ep_mesh = self.ep_group = None
+            self._experts = {}
+            _drop_cached_groups()
+            gc.collect()  # FSDP2's modules and DTensors sit in reference cycles with the mesh
             dist.destroy_process_group()
             self.owns_process_group = False
 
