@@ -25,7 +25,11 @@ step is logged and the next one starts on a fresh CUDA context); the timeouts ad
    ``grouped_mm`` (and ``sonicmoe`` where it loads) experts; ``ak.route`` vs torch ops; the
    routing share of the layer at T=4096;
 7. ``tuning``: a sweep of BLOCK_M/N/K, num_warps, num_stages for the grouped GEMM's three ops at
-   the benchmark shape, written as ``<device-slug>.json`` for ``adamoe_kernels/configs/``.
+   the benchmark shape, written as ``<device-slug>.json`` for ``adamoe_kernels/configs/``;
+8. ``decode``: decode tokens/s of ``bench/generate.py``'s GPU model (Mixtral-8x7B widths, 2
+   layers, bf16), top-2 ``grouped_mm`` vs m8k3 at L = 1 and 0.5 (``ak.set_target_load``), batch
+   1/16/64, a static cache and the decode step captured once as a ``torch.cuda.CUDAGraph``
+   (``StaticDecoder``; eager steps too, the graph's tokens checked against them).
 
 Output (``--out``, default ``$OUT``): ``gpu_check.log``, ``gpu_check.json`` (every step's status,
 time and results; rewritten after each step, so a killed run still leaves it), ``layer_speedup``
@@ -51,18 +55,19 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-BUDGET_S = 460   # the sum of the step timeouts: the whole run stays under 8 minutes
+BUDGET_S = 475   # the sum of the step timeouts: the whole run stays under 8 minutes
 MAX_FILES = 8
 
 # name, estimate on an H200 (s), timeout on the GPU (s), timeout in --dry-run (s)
 STEPS = [
     ("env", 10, 20, 20),
-    ("tests", 90, 115, 40),
+    ("tests", 90, 100, 40),
     ("determinism", 20, 35, 20),
     ("nosync", 20, 30, 20),
-    ("layer", 105, 130, 40),
-    ("kernels", 45, 65, 40),
-    ("tuning", 55, 65, 30),
+    ("layer", 105, 120, 40),
+    ("kernels", 45, 60, 40),
+    ("tuning", 55, 55, 30),
+    ("decode", 40, 55, 30),
 ]
 
 # The kernel tests that run on CUDA (their "cuda" device parameter; conftest drops "cpu" there).
@@ -81,7 +86,9 @@ PLAN = {
                 + [(4096, 4096, 14336, "bfloat16")],
                 sync_shape=(2048, 2048, 7168), graph_tokens=[64, 2048],
                 tune_shapes=[(4096, 4096, 14336, 3), (16384, 4096, 14336, 3)],
-                warm_tokens=512, warm_hidden=1024, tune_rep_ms=40),
+                warm_tokens=512, warm_hidden=1024, tune_rep_ms=40,
+                decode=dict(shape="gpu", batches=[1, 16, 64], prompt=128, new_tokens=32,
+                            loads=[1.0, 0.5], reps=3, graphs=True)),
     "dry": dict(dtype="float32", H=32, I=32, tokens=[32], loads=[1.0], configs=["m8k3"],
                 cuda_rep_ms=None, cuda_warmup_ms=None,
                 kernels_args=["--route-tokens", "32", "--loads", "1.0", "--tokens", "32",
@@ -89,7 +96,10 @@ PLAN = {
                               "hf_sonicmoe"],
                 det_shapes=[(21, 32, 32, "bfloat16")],
                 sync_shape=(16, 32, 32), graph_tokens=[8],
-                tune_shapes=[(16, 32, 32, 3)], warm_tokens=8, warm_hidden=32, tune_rep_ms=None),
+                tune_shapes=[(16, 32, 32, 3)], warm_tokens=8, warm_hidden=32, tune_rep_ms=None,
+                decode=dict(shape=dict(hidden=32, intermediate=32, layers=1, vocab=64, heads=4,
+                                       kv_heads=2), batches=[1, 2], prompt=8, new_tokens=4,
+                            loads=[1.0, 0.5], reps=1, graphs=False, calibrate_backend="torch")),
 }
 NUM_EXPERTS = 8
 
@@ -289,6 +299,9 @@ def headline(summary: dict) -> dict:
     head["speedups"] = get("layer").get("speedups")
     head["routing_share"] = get("kernels").get("routing_share")
     head["tuning"] = get("tuning").get("best")
+    head["decode"] = [{k: r.get(k) for k in ("batch", "setting", "decode_tok_s", "speedup_vs_top2",
+                                             "graph_vs_eager")}
+                      for r in get("decode").get("rows") or [] if r.get("decode_tok_s")]
     return head
 
 
@@ -306,6 +319,13 @@ def render_summary(summary: dict) -> str:
             lines.append(f"| {r['T']} | {r['config']} | {r['load_target']:g} | {r['load']:.2f} "
                          f"| {_x(r.get('ideal'))} | {_x(r.get('bound_fwd'))} | {_x(r.get('fwd'))} "
                          f"| {_x(r.get('bound_fwdbwd'))} | {_x(r.get('fwdbwd'))} |")
+    decode = (summary.get("headline") or {}).get("decode") or []
+    if decode:
+        lines += ["", "| B | setting | decode tok/s | vs top-2 | graph vs eager |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in decode:
+            lines.append(f"| {r['batch']} | {r['setting']} | {r['decode_tok_s']:.1f} "
+                         f"| {_x(r.get('speedup_vs_top2'))} | {_x(r.get('graph_vs_eager'))} |")
     lines.append(f"\nelapsed {summary['meta'].get('elapsed_s')} s; details in gpu_check.json")
     return "\n".join(lines)
 
@@ -928,6 +948,196 @@ def step_tuning(st: Step) -> None:
               + gains)
 
 
+# ---- decode: one token per step, a static cache, the step as one CUDA graph ----------------------
+
+class StaticDecoder:
+    """Greedy decoding of ``ids`` with a transformers ``StaticCache``, one forward per token.
+
+    The decode step (unmask the slot of the token, the forward, argmax, the token into the input
+    buffer and the history) only reads and writes fixed buffers: the cache's slots, its device
+    counter ``cumulative_length`` (advanced by the forward itself), a 4D additive mask (a 4D mask
+    goes to attention as is: no mask building, no ``padding_mask.all()`` host sync), the token.
+    With ``graph`` (CUDA) it is captured once as a ``torch.cuda.CUDAGraph`` and replayed; a
+    change of the load dial (``null_bias``, a buffer filled in place) needs no new capture.
+    The prefill runs eagerly before every decode, on the same cache.
+    """
+
+    def __init__(self, model, ids, new_tokens: int, graph: bool):
+        import inspect
+
+        from transformers import StaticCache
+
+        torch = _torch()
+        self.model, self.ids, self.new_tokens = model, ids, new_tokens
+        B, P = ids.shape
+        dev, dtype = ids.device, next(model.parameters()).dtype
+        self.cache = StaticCache(config=model.config, max_cache_len=P + new_tokens)
+        # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` deprecated)
+        self.kw = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                   else "past_key_values")
+        self.neg = torch.finfo(dtype).min
+        self.mask = torch.full((B, 1, 1, P + new_tokens), self.neg, dtype=dtype, device=dev)
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.hist = torch.zeros(B, new_tokens, dtype=torch.long, device=dev)
+        self.prefill()  # initialises the cache's tensors (lazily, at the first update)
+        self.pos = self.cache.layers[0].cumulative_length  # the slot the next token goes to
+        self.graph = None
+        if graph:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph docs do
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
+
+    def prefill(self) -> None:
+        torch = _torch()
+        P = self.ids.shape[1]
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False):
+                layer.cumulative_length.fill_(0)
+        with torch.no_grad():
+            out = self.model(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
+                             use_cache=True, **{self.kw: self.cache})
+        self.tok.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.hist[:, :1].copy_(self.tok)
+        self.mask.fill_(self.neg)
+        self.mask[..., :P] = 0
+
+    def step(self) -> None:
+        torch = _torch()
+        slot = self.pos.view(1).clone()
+        self.mask.index_fill_(-1, slot, 0.0)
+        with torch.no_grad():
+            out = self.model(input_ids=self.tok, attention_mask=self.mask, use_cache=True,
+                             **{self.kw: self.cache})
+        self.tok.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.hist.index_copy_(1, slot - self.ids.shape[1] + 1, self.tok)
+
+    def run(self) -> dict:
+        """Prefill (timed apart), then ``new_tokens - 1`` decode steps; tokens/s of the steps."""
+        torch = _torch()
+        dev = self.ids.device
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        self.prefill()
+        sync()
+        t1 = time.perf_counter()
+        for _ in range(self.new_tokens - 1):
+            self.graph.replay() if self.graph is not None else self.step()
+        sync()
+        t2 = time.perf_counter()
+        steps = self.new_tokens - 1
+        return {"prefill_ms": (t1 - t0) * 1e3, "step_ms": (t2 - t1) * 1e3 / steps,
+                "decode_tok_s": self.ids.shape[0] * steps / (t2 - t1),
+                "tokens": self.hist.clone()}
+
+
+def _best(runs: list[dict]) -> dict:
+    best = max(runs, key=lambda r: r["decode_tok_s"])
+    return {"prefill_ms": min(r["prefill_ms"] for r in runs), "step_ms": best["step_ms"],
+            "decode_tok_s": best["decode_tok_s"], "tokens": best["tokens"]}
+
+
+def step_decode(st: Step) -> None:
+    """Decode tokens/s of ``bench/generate.py``'s model (GPU: Mixtral-8x7B layer widths, 2 layers,
+    bf16): top-2 ``grouped_mm`` vs m8k3 at L (``ak.set_target_load``), batch 1/16/64, eager and
+    CUDA-graph-replayed steps (``StaticDecoder``); the graph's tokens must equal the eager ones."""
+    torch = _torch()
+    from types import SimpleNamespace
+
+    import generate as gen
+
+    p, dev = st.plan["decode"], _device()
+    if st.mode == "dry":  # tiny ops: one thread (as the dry bench steps' --threads 1)
+        torch.set_num_threads(1)
+    dtype = getattr(torch, st.plan["dtype"])
+    shape = gen.GPU_SHAPE if p["shape"] == "gpu" else p["shape"]
+    sz = {**shape, "prompt": p["prompt"], "new_tokens": p["new_tokens"]}
+    graphs = bool(p["graphs"]) and dev.type == "cuda"
+    seed = 0
+    t0 = time.time()
+    hf, ada = gen.build_models(sz, dtype, dev, "triton", seed)
+    blocks = gen.moe_blocks(ada)
+    for block in blocks:  # dry run: the interpreter is slow for calibration's ~60 forwards per L
+        block.backend = p.get("calibrate_backend") or "triton"
+    biases = gen.calibrate(ada, p["loads"], sz, dev, seed)
+    for block in blocks:
+        block.backend = "triton"
+    settings = gen.settings_of(SimpleNamespace(top2_impls=["grouped_mm"], loads=p["loads"]))
+    res = {"model": (f"MixtralForCausalLM H={sz['hidden']} I={sz['intermediate']} "
+                     f"n={gen.NUM_EXPERTS} layers={sz['layers']} vocab={sz['vocab']}"),
+           "dtype": st.plan["dtype"], "prompt": sz["prompt"], "new_tokens": sz["new_tokens"],
+           "graphs": graphs, "setup_s": round(time.time() - t0, 1),
+           "load_calibrated": {str(L): sum(b[1]) / len(b[1]) for L, b in biases.items()},
+           "rows": [], "errors": []}
+    st.report(**res)
+    print(f"setup {res['setup_s']} s: {res['model']}", flush=True)
+    g = torch.Generator().manual_seed(seed)
+    for B in p["batches"]:
+        if st.left() < 10 and res["rows"]:
+            res["errors"].append(f"B={B}: skipped, {st.left():.0f} s left")
+            break
+        ids = torch.randint(3, sz["vocab"], (B, sz["prompt"]), generator=g).to(dev)
+        decoders = {}
+        group = []
+        for s in settings:
+            model = gen.apply_setting(s, hf, ada, biases)
+            row = {"batch": B, "setting": s["setting"], "config": s["config"],
+                   "load_target": s["load_target"]}
+            try:
+                eager = StaticDecoder(model, ids, sz["new_tokens"], graph=False)
+                e = _best([eager.run() for _ in range(max(1, p["reps"] - 1))])
+                row.update(eager_tok_s=e["decode_tok_s"], eager_step_ms=e["step_ms"],
+                           prefill_ms=e["prefill_ms"])
+                if B == p["batches"][0]:  # the manual loop is model.generate's greedy decoding
+                    ref, _ = gen.generate(model, ids, sz["new_tokens"], dev, static=True)
+                    row["token_agreement_vs_generate"] = float(
+                        (ref[:, ids.shape[1]:] == e["tokens"]).float().mean())
+                if graphs:
+                    key = id(model)  # one capture per model and batch: L is a buffer
+                    if key not in decoders:
+                        t1 = time.time()
+                        decoders[key] = StaticDecoder(model, ids, sz["new_tokens"], graph=True)
+                        row["capture_s"] = round(time.time() - t1, 2)
+                    r = _best([decoders[key].run() for _ in range(p["reps"])])
+                    row.update(graph_tok_s=r["decode_tok_s"], graph_step_ms=r["step_ms"],
+                               graph_vs_eager=r["decode_tok_s"] / e["decode_tok_s"],
+                               same_tokens_as_eager=bool(torch.equal(r["tokens"], e["tokens"])))
+                row["decode_tok_s"] = row.get("graph_tok_s") or row["eager_tok_s"]
+            except Exception as exc:  # noqa: BLE001 (recorded; the other settings go on)
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                res["errors"].append(f"B={B} {s['setting']}: {row['error']}")
+                traceback.print_exc()
+            group.append(row)
+        top2 = next((r for r in group if r["config"] == "top2" and r.get("decode_tok_s")), None)
+        for r in group:
+            if top2 is not None and r.get("decode_tok_s"):
+                r["speedup_vs_top2"] = r["decode_tok_s"] / top2["decode_tok_s"]
+                if r.get("eager_tok_s"):
+                    r["eager_speedup_vs_top2"] = r["eager_tok_s"] / top2["eager_tok_s"]
+            print(json.dumps(r, default=str), flush=True)
+        res["rows"] += group
+        st.report(**res)
+        del decoders
+    ok_rows = [r for r in res["rows"] if r.get("decode_tok_s")]
+    same = [r["same_tokens_as_eager"] for r in ok_rows if "same_tokens_as_eager" in r]
+    res["graph_tokens_equal"] = all(same) if same else None
+    best = max((r for r in ok_rows if r["config"] != "top2"),
+               key=lambda r: r.get("speedup_vs_top2") or 0, default=None)
+    res["note"] = (f"{len(ok_rows)}/{len(res['rows'])} rows, "
+                   + ("CUDA graphs" if graphs else "eager (no graphs)")
+                   + (f"; best {best['speedup_vs_top2']:.2f}x vs top-2 at B={best['batch']} "
+                      f"{best['setting']}" if best and best.get("speedup_vs_top2") else ""))
+    ok = (bool(ok_rows) and len(ok_rows) == len(res["rows"])
+          and res["graph_tokens_equal"] is not False)
+    st.report(ok=ok, **res)
+
+
 def _triton_version():
     import triton
 
@@ -936,7 +1146,7 @@ def _triton_version():
 
 STEP_FUNCTIONS = {"env": step_env, "tests": step_tests, "determinism": step_determinism,
                   "nosync": step_nosync, "layer": step_layer, "kernels": step_kernels,
-                  "tuning": step_tuning}
+                  "tuning": step_tuning, "decode": step_decode}
 
 
 def run_child(args) -> int:

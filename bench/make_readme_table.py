@@ -219,6 +219,60 @@ def load_dial_table(payload) -> list[str]:
     return out
 
 
+def generate_table(payload) -> list[str]:
+    """``bench/generate.py``: decode tokens/s per batch and load, top-2 (eager, ``grouped_mm``)
+    next to m8k3 at L; the ratio of bytes read per step; compiled (static cache) over eager."""
+    m, rows = payload["meta"], payload["rows"]
+    s = m.get("sizes", {})
+    eager = [r for r in rows if not r.get("compiled")]
+    comp = [r for r in rows if r.get("compiled") and r.get("decode_tok_s")]
+    bw = (m.get("bandwidth") or {}).get("gb_s")
+    out = [f"{str(m.get('model', '')).replace(' (random init)', '')}, prompt {s.get('prompt')}, "
+           f"{s.get('new_tokens')} new tokens, greedy `model.generate` with a KV cache; bytes ratio "
+           "= bytes read per decode step, top-2 / AdaMoE (experts touched + the rest); "
+           f"copy bandwidth {_f(bw, 1)} GB/s; compiled = static cache, the decode step under "
+           "`torch.compile`, over the eager (dynamic cache) tok/s:", "",
+           "| B | L target | L decode | top-2 eager tok/s | top-2 grouped_mm tok/s | AdaMoE tok/s "
+           "| vs top-2 grouped_mm | bytes ratio | prefill ms (AdaMoE / top-2 grouped_mm) "
+           "| compiled vs eager |",
+           "|" + " --- |" * 10]
+    differ = []  # compiled rows whose tokens are not the eager run's
+    for B in sorted({r["batch"] for r in eager}):
+        group = [r for r in eager if r["batch"] == B]
+        top = {r["impl"]: r for r in group if r["config"] == "top2"}
+        gm, te = top.get("grouped_mm"), top.get("eager")
+        for r in sorted((r for r in group if r["config"] != "top2"), key=lambda r: -r["load_target"]):
+            c = next((c for c in comp if c["batch"] == B and c["setting"] == r["setting"]), None)
+            mark = ""
+            if c is not None and c.get("same_tokens_as_eager") is False:
+                mark = "¹"
+                differ.append(c)
+            vs = (r["decode_tok_s"] / gm["decode_tok_s"]
+                  if gm and gm.get("decode_tok_s") and r.get("decode_tok_s") else None)
+            out.append(
+                f"| {B} | {r['load_target']:g} | {_f(r.get('load_decode'))} "
+                f"| {_f((te or {}).get('decode_tok_s'), 1)} | {_f((gm or {}).get('decode_tok_s'), 1)} "
+                f"| {_f(r.get('decode_tok_s'), 1)} | {_x(vs)} | {_x(r.get('bytes_ratio_vs_top2'))} "
+                f"| {_f(r.get('prefill_ms'), 1)} / {_f((gm or {}).get('prefill_ms'), 1)} "
+                f"| {_x((c or {}).get('speedup_vs_eager'))}{mark} |")
+    out.append("")
+    top2c = [c for c in comp if c["config"] == "top2"]
+    differ += [c for c in top2c if c.get("same_tokens_as_eager") is False]
+    if top2c:
+        out.append("Top-2 `grouped_mm` compiled vs eager: " + ", ".join(
+            f"B={c['batch']} {_x(c.get('speedup_vs_eager'))}"
+            + ("¹" if c.get("same_tokens_as_eager") is False else "") for c in top2c) + ".")
+    agree = [c["token_agreement_vs_eager_static"] for c in differ
+             if c.get("token_agreement_vs_eager_static") is not None]
+    if differ:
+        out.append(f"¹ the compiled run's greedy tokens are not the eager run's ({m.get('dtype')}"
+                   + (f"; share of tokens equal to the eager static-cache run's: "
+                      f"{min(agree):.2f}-{max(agree):.2f}" if agree else "") + ").")
+    if top2c or differ:
+        out.append("")
+    return out
+
+
 def render(results: dict, repo_root: Path) -> str:
     if not results:
         return "_No results yet: run the scripts in `bench/`._\n"
@@ -245,6 +299,9 @@ def render(results: dict, repo_root: Path) -> str:
                 bits.append("expert weights frozen")
             what = f" ({', '.join(bits)})" if bits else ""
             lines += [f"Training step{what} — {_source(p, repo_root)}:", ""] + finetune_table(p)
+        for name in sorted(k for k in scripts if k.startswith("generate")):
+            p = scripts[name]
+            lines += [f"Generation (decode) — {_source(p, repo_root)}:", ""] + generate_table(p)
         if "load_dial" in scripts:
             p = scripts["load_dial"]
             lines += [f"Load dial and top-p at inference (`bench/load_dial.py`) — "

@@ -243,6 +243,8 @@ def test_make_readme_table(tmp_path, capsys):
     assert "old" not in text and "cpu-test" in text
     m8k3 = next(r for r in rows if r["config"] == "m8k3")
     assert f"{m8k3['speedup_fwd']:.2f}×" in text  # numbers come from the JSON
+    make_readme_table.main(["--results", str(tmp_path / "results"), "--readme", str(readme)])
+    assert readme.read_text() == text  # idempotent
     # no markers: the README is left alone and the tables go to stdout
     plain = tmp_path / "PLAIN.md"
     plain.write_text("nothing here\n")

@@ -132,7 +132,7 @@ def test_generate_bench_quick(tmp_path):
                         "--no-progress", "--no-plot", "--hidden", "64", "--intermediate", "128",
                         "--vocab", "64", "--batches", "1", "2", "--prompt", "6", "--new-tokens", "4",
                         "--loads", "1.0", "--no-compile", "--threads", "1",
-                        "--out", str(tmp_path)])
+                        "--out", str(tmp_path / "results" / "cpu-test")])
     finally:
         torch.set_num_threads(threads)
     payload = json.loads(Path(res["json"]).read_text())
@@ -156,3 +156,13 @@ def test_generate_bench_quick(tmp_path):
     assert not any(r["compiled"] for r in rows)  # --no-compile (compiled generation: above)
     assert [r["T"] for r in meta["routing"]] == [1, 2]
     assert all("route" in r["phases_us"] for r in meta["routing"])
+    # the README generator renders it: a row per batch and L, numbers from the JSON
+    mrt = importlib.import_module("make_readme_table")
+    table = mrt.render(mrt.load_results(tmp_path / "results"), tmp_path)
+    assert "Generation (decode)" in table
+    gm = {r["batch"]: r for r in eager if r["setting"] == "top2-grouped_mm"}
+    for r in eager:
+        if r["config"] == "m8k3":
+            vs = r["decode_tok_s"] / gm[r["batch"]]["decode_tok_s"]
+            assert (f"| {r['batch']} | 1 | {r['load_decode']:.2f} | " in table
+                    and f"| {r['decode_tok_s']:.1f} | {vs:.2f}× | " in table), table

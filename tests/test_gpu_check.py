@@ -66,6 +66,11 @@ def test_dry_run(tmp_path):
     assert len(tuned) == 1 and tuned[0] == f"{steps['env']['device_slug']}.json"
     table = tuning.load_table(out / tuned[0])
     assert {e.op for e in table.entries} == set(tuning.OPS)
+    decode = steps["decode"]["rows"]
+    assert {r["setting"] for r in decode} == {"top2-grouped_mm", "m8k3 L=1", "m8k3 L=0.5"}
+    assert all(r["decode_tok_s"] > 0 and r["speedup_vs_top2"] > 0 for r in decode)
+    assert all(r["token_agreement_vs_generate"] == 1.0 for r in decode
+               if "token_agreement_vs_generate" in r)
     assert "| layer | ok |" in proc.stdout  # the summary table ends the output
     print(f"dry run: {elapsed:.1f} s")
     assert elapsed < 150, f"--dry-run took {elapsed:.0f} s"
@@ -120,3 +125,28 @@ def test_kernel_resources_from_triton_caches():
     assert gpu.triton_kernel_resources(SimpleNamespace(my_kernel=fn, other=3)) == [
         {"kernel": "my_kernel", "regs": 96, "spills": 0, "shared": 1024, "num_warps": 4,
          "num_stages": 3, "constexprs": {"BLOCK_M": 64, "FLAG": True}}]
+
+
+def test_static_decoder_gives_generate_tokens():
+    """The decode step's manual loop (static cache, 4D mask, the step that a CUDA graph captures)
+    is ``model.generate``'s greedy decoding, run after run (each run prefills the same cache)."""
+    import torch
+
+    generate = importlib.import_module("generate")
+    sz = dict(hidden=32, intermediate=32, layers=2, vocab=64, heads=4, kv_heads=2, prompt=6,
+              new_tokens=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hf, ada = generate.build_models(sz, torch.float32, torch.device("cpu"), "torch", 0)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, sz["vocab"], (2, sz["prompt"]), generator=g)
+        for model in (hf, ada):
+            ref, _ = generate.generate(model, ids, sz["new_tokens"], torch.device("cpu"))
+            dec = gpu_check.StaticDecoder(model, ids, sz["new_tokens"], graph=False)
+            for _ in range(2):
+                run = dec.run()
+                assert torch.equal(run["tokens"], ref[:, sz["prompt"]:])
+                assert run["decode_tok_s"] > 0 and run["prefill_ms"] > 0
+    finally:
+        torch.set_num_threads(threads)
