@@ -4,6 +4,7 @@ the spawning of gloo ranks for the multi-process tests."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from datetime import timedelta
 
 import pytest
@@ -89,3 +90,37 @@ def init_gloo(rank: int, world: int, init_file: str, timeout_s: float = 60.0) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+# ---- processes (Linux /proc) ------------------------------------------------------------------
+
+def children_by_parent() -> dict[int, list[int]]:
+    """``{ppid: [pid, ...]}`` of every process now running."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (torchrun starts its workers in sessions of their own)."""
+    children = children_by_parent()
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def alive(pid: int) -> bool:
+    """Is ``pid`` running (not gone, not a zombie)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

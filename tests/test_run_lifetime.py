@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from adamoe_kernels.training import finetune  # noqa: E402
 from adamoe_kernels.training.checkpoint import STALL_ENV, CheckpointLock  # noqa: E402  (unset below)
+from helpers import alive, children_by_parent, spawn_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--quick", "--backend", "torch", "--device", "cpu", "--base-steps", "4",
@@ -38,26 +39,6 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
     assert not (out / "checkpoints" / ".lock").exists()
     with CheckpointLock(out / "checkpoints"):   # free again
         pass
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.mark.slow
@@ -83,14 +64,14 @@ def test_workers_end_when_torchrun_is_killed(tmp_path):
             assert proc.poll() is None, "torchrun ended before the checkpoint"
             assert time.monotonic() < deadline, "the run did not reach the checkpoint"
             time.sleep(0.2)
-        workers = _children(proc.pid)
+        workers = children_by_parent().get(proc.pid, [])
         assert len(workers) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 15
-        while any(map(_alive, workers)) and time.monotonic() < deadline:
+        while any(map(alive, workers)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(map(_alive, workers)), "a worker outlived torchrun"
+        assert not any(map(alive, workers)), "a worker outlived torchrun"
     finally:
         for pid in workers:
             try:
@@ -132,7 +113,6 @@ def test_no_gloo_thread_outlives_the_run(tmp_path):
     import json
     import socket
 
-    from helpers import spawn_ranks
 
     sockets = [socket.socket() for _ in range(3)]
     for sock in sockets:

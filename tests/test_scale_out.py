@@ -30,7 +30,7 @@ from adamoe_kernels.ops.backend import cpu_extension_available  # noqa: E402
 from adamoe_kernels.training import finetune  # noqa: E402
 from adamoe_kernels.training.checkpoint import STALL_ENV  # noqa: E402
 from adamoe_kernels.training.parallel import Parallel  # noqa: E402
-from helpers import init_gloo, spawn_ranks  # noqa: E402
+from helpers import alive, init_gloo, process_tree, spawn_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = "cpu" if cpu_extension_available() else "torch"
@@ -208,31 +208,6 @@ def _run(out: Path, flags: list[str], nproc: int, timeout: float = 120) -> str:
     return proc.stdout + proc.stderr
 
 
-def _process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _kill_tree(pids: list[int]) -> None:
     for pid in pids:
         try:
@@ -240,9 +215,9 @@ def _kill_tree(pids: list[int]) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 10
-    while any(map(_alive, pids)) and time.monotonic() < deadline:
+    while any(map(alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(map(_alive, pids)), "a killed process is still running"
+    assert not any(map(alive, pids)), "a killed process is still running"
 
 
 def _run_and_kill(out: Path, flags: list[str], nproc: int, stall: str, timeout: float = 120):
@@ -260,7 +235,7 @@ def _run_and_kill(out: Path, flags: list[str], nproc: int, stall: str, timeout: 
             assert time.monotonic() < deadline, "the run did not reach the checkpoint"
             time.sleep(0.2)
     finally:
-        _kill_tree(_process_tree(proc.pid))
+        _kill_tree(process_tree(proc.pid))
         proc.wait()
         proc.stdout.close()
     assert not (out / "log.json").exists()
