@@ -16,12 +16,13 @@ import os
 CONTROL, ADAMOE = "baseline_top2", "finetune"  # the phases' names in the run's log
 
 
-def _curve(points: list, phase: str) -> list:
+def curve(points: list, phase: str) -> list:
+    """The eval points of one phase (``CONTROL`` or ``ADAMOE``), in step order."""
     return [p for p in points if p["phase"] == phase]
 
 
-def _run_stats(curve: list, steps: list, tokens_per_step: int) -> dict:
-    last = curve[-1]
+def _run_stats(points: list, steps: list, tokens_per_step: int) -> dict:
+    last = points[-1]
     loads = [sum(r["load"]) / len(r["load"]) for r in steps]
     seconds = steps[-1]["train_s"] if steps else last["train_s"]
     return {"final_eval_loss": last["eval_loss"], "final_eval_load": last["eval_load"],
@@ -30,9 +31,9 @@ def _run_stats(curve: list, steps: list, tokens_per_step: int) -> dict:
             "tokens_per_s": len(steps) * tokens_per_step / seconds if seconds > 0 else None}
 
 
-def first_reach(curve: list, target: float) -> dict | None:
-    """The first eval point of ``curve`` at or below ``target`` (None if there is none)."""
-    for p in curve:
+def first_reach(points: list, target: float) -> dict | None:
+    """The first of ``points`` (one phase's eval points) at or below ``target`` (None if none)."""
+    for p in points:
         if p["eval_loss"] <= target:
             return p
     return None
@@ -44,7 +45,7 @@ def compare(eval_curve: list, log: list, tokens_per_step: int) -> dict | None:
     ``reaches_control``: the first AdaMoE eval point at or below the control's final eval loss,
     with its step, training seconds and expert FLOPs as fractions of the control's whole run;
     None when AdaMoE does not get there within the run."""
-    control, adamoe = _curve(eval_curve, CONTROL), _curve(eval_curve, ADAMOE)
+    control, adamoe = curve(eval_curve, CONTROL), curve(eval_curve, ADAMOE)
     if not control or not adamoe:
         return None
     c = _run_stats(control, [r for r in log if r["phase"] == CONTROL], tokens_per_step)
@@ -104,7 +105,7 @@ def summary_lines(cmp: dict) -> list[str]:
 def plot(path: str, eval_curve: list) -> str | None:
     """Eval loss of AdaMoE and its control vs optimizer step, training seconds and expert FLOPs
     (one PNG, three panels); None without both curves."""
-    control, adamoe = _curve(eval_curve, CONTROL), _curve(eval_curve, ADAMOE)
+    control, adamoe = curve(eval_curve, CONTROL), curve(eval_curve, ADAMOE)
     if not control or not adamoe:
         return None
     import matplotlib
@@ -117,9 +118,9 @@ def plot(path: str, eval_curve: list) -> str | None:
               ("expert_flops", "expert FLOPs (fwd + bwd, TFLOP)", 1e-12))
     for ax, (key, label, scale) in zip(axes, axes_x):
         top_k = round(control[-1]["eval_load"])  # m = 0: every token uses its k experts
-        for curve, name, style in ((control, f"top-{top_k} control", "--"),
-                                   (adamoe, "AdaMoE", "-")):
-            ax.plot([p[key] * scale for p in curve], [p["eval_loss"] for p in curve], style,
+        for points, name, style in ((control, f"top-{top_k} control", "--"),
+                                    (adamoe, "AdaMoE", "-")):
+            ax.plot([p[key] * scale for p in points], [p["eval_loss"] for p in points], style,
                     marker="o", ms=3, label=name)
         ax.axhline(control[-1]["eval_loss"], color="gray", lw=0.8, ls=":")
         ax.set_xlabel(label)

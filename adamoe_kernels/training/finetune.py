@@ -489,8 +489,8 @@ class RunState:
         """The base weights into ``model`` when the base phase was done before a resume."""
         path = self.ckpt.root / BASE_SNAPSHOT
         if not path.is_file():
-            raise ValueError(f"--resume: {path} is missing (the trained base model the control "
-                             "and the conversion start from)")
+            raise ResumeError(f"--resume: {path} is missing (the trained base model the control "
+                              "and the conversion start from)")
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ---- save ---------------------------------------------------------------------------------
@@ -760,8 +760,10 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
             model = par.unwrap(wrapped)
             del wrapped  # its DDP hooks go with it
             run_state.save_base(model)
-        elif cfg.control or not run_state.done("baseline_top2"):
-            run_state.load_base(model)  # the control and the conversion start from it
+        elif run_state.resume_state["phase"] != "finetune":
+            # the control and the conversion start from it (a checkpoint of AdaMoE's fine-tune
+            # holds the converted model itself)
+            run_state.load_base(model)
         if "base_top2" not in evals:
             evals["base_top2"], _ = evaluate(model, eval_data, cfg.batch_size, par)
         control = copy.deepcopy(model) if cfg.control else None
@@ -798,8 +800,8 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
                                   eval_every=eval_every, initial_eval=control_eval)
             del wrapped
         del control
-        points = [c for c in run_state.eval_curve if c["phase"] == "baseline_top2"]
-        evals["top2_finetuned"] = points[-1]["eval_loss"]
+        evals["top2_finetuned"] = comparison.curve(run_state.eval_curve,
+                                                   comparison.CONTROL)[-1]["eval_loss"]
     controller = (LoadController(cfg.target_load, cfg.load_rate)
                   if cfg.target_load is not None else None)
     wrapped = train_phase(model, ft_batches, lr=cfg.lr, schedule=AlphaSchedule(),
@@ -808,8 +810,8 @@ def _run(cfg: RunConfig, par: Parallel) -> dict:
                           eval_every=eval_every,
                           initial_eval=(evals["before"], evals.get("load_before", 2.0)))
     ft_tokens, ft_seconds = run_state.phase_tokens, run_state.phase_seconds
-    points = [c for c in run_state.eval_curve if c["phase"] == "finetune"]
-    evals["after"], load_after = points[-1]["eval_loss"], points[-1]["eval_load"]
+    last = comparison.curve(run_state.eval_curve, comparison.ADAMOE)[-1]
+    evals["after"], load_after = last["eval_loss"], last["eval_load"]
     log = run_state.log
     ft_log = [r for r in log if r["phase"] == "finetune"]
     final_load = ft_log[-1]["load"] if ft_log else []
