@@ -120,8 +120,17 @@ def check_top_p(top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1] (or None to turn top-p off), got {top_p}")
 
 
+def check_route_values(router_logits, selection_bias=None, check_finite_values=None) -> None:
+    """No NaN/Inf in the logits or the selection bias (when ``check_finite`` says it runs)."""
+    if selection_bias is not None:
+        check_finite("selection_bias", selection_bias, force=bool(check_finite_values))
+    check_finite("router_logits", router_logits, force=bool(check_finite_values))
+
+
 def check_route_args(router_logits, top_k, num_experts, normalize, check_finite_values=None, *,
-                     top_p=None, selection_bias=None) -> None:
+                     top_p=None, selection_bias=None, check_values=True) -> None:
+    """The arguments of ``route``; ``check_values=False`` leaves the data check
+    (``check_route_values``) to the caller (the C++ ``route_cpu`` does it in its own pass)."""
     check_tensor("router_logits", router_logits, ndim=2, dtypes=SUPPORTED_FLOAT_DTYPES)
     total = router_logits.shape[1]
     check_int("num_experts", num_experts, 1, None)
@@ -140,8 +149,8 @@ def check_route_args(router_logits, top_k, num_experts, normalize, check_finite_
             raise ValueError(f"selection_bias must have n+m = {total} entries, got "
                              f"{selection_bias.shape[0]}")
         check_same_device("selection_bias", selection_bias, "router_logits", router_logits)
-        check_finite("selection_bias", selection_bias, force=bool(check_finite_values))
-    check_finite("router_logits", router_logits, force=bool(check_finite_values))
+    if check_values:
+        check_route_values(router_logits, selection_bias, check_finite_values)
 
 
 def check_layer_args(num_experts, num_null_experts, top_k, normalize, null_kind="zero") -> None:

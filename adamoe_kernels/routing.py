@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._contract import Routing, check_route_args
+from ._contract import Routing, check_route_args, check_route_values
 from .ops.backend import resolve_backend
 
 __all__ = ["Routing", "route"]
@@ -38,8 +38,10 @@ def route(router_logits: torch.Tensor, top_k: int, num_experts: int, normalize: 
         A ``Routing``. No host synchronisation happens on the triton and cpu backends.
     """
     check_route_args(router_logits, top_k, num_experts, normalize, check_finite, top_p=top_p,
-                     selection_bias=selection_bias)
+                     selection_bias=selection_bias, check_values=False)
     which = resolve_backend(backend, router_logits.device)
+    if which != "cpu":  # the C++ routing rejects NaN/Inf itself, in the pass that reads them
+        check_route_values(router_logits, selection_bias, check_finite)
     if which == "torch":
         return reference.route(router_logits, top_k, num_experts, normalize, top_p=top_p,
                                selection_bias=selection_bias)

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -73,6 +74,13 @@ at::Tensor check_selection_bias(const at::Tensor& bias, const at::Tensor& logits
   TORCH_CHECK_VALUE(std::all_of(p, p + b.numel(), [](float v) { return std::isfinite(v); }),
                     "selection_bias contains NaN or Inf values");
   return b;
+}
+
+template <typename scalar_t>
+inline bool row_finite(const scalar_t* x, int64_t N) {
+  bool ok = true;
+  for (int64_t c = 0; c < N; ++c) ok &= std::isfinite(static_cast<float>(x[c]));
+  return ok;
 }
 
 // probs[c] = softmax(x)[c] in fp32 (max-subtracted, like torch.softmax).
@@ -162,7 +170,7 @@ inline void top_p_row(const float* sel_vals, int64_t N, int64_t k, float top_p, 
 template <typename scalar_t, bool kBias, bool kTopP>
 void route_blocks(const scalar_t* logits, int64_t T, int64_t N, int64_t k, int64_t n,
                   Normalize norm, const float* bias, float top_p, int32_t* ids, float* weights,
-                  int64_t* block_counts) {
+                  int64_t* block_counts, std::atomic<bool>& nonfinite) {
   const int64_t num_blocks = (T + kRouteBlockTokens - 1) / kRouteBlockTokens;
   at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> probs(N), scratch(N), vals(k);
@@ -172,9 +180,18 @@ void route_blocks(const scalar_t* logits, int64_t T, int64_t N, int64_t k, int64
       std::fill(cnt, cnt + n + 1, 0);
       const int64_t t1 = std::min(T, (b + 1) * kRouteBlockTokens);
       for (int64_t t = b * kRouteBlockTokens; t < t1; ++t) {
-        softmax_row(logits + t * N, N, probs.data());
         int32_t* id = ids + t * k;
         float* w = weights + t * k;
+        if (!row_finite(logits + t * N, N)) {
+          // Reported (ValueError) once every block is done; the row gets dropped slots so the
+          // counts and the sort below stay in bounds.
+          nonfinite.store(true, std::memory_order_relaxed);
+          std::fill(id, id + k, static_cast<int32_t>(N));
+          std::fill(w, w + k, 0.f);
+          cnt[n] += k;
+          continue;
+        }
+        softmax_row(logits + t * N, N, probs.data());
         const float* sel = probs.data();
         if constexpr (kBias) {
           softmax_biased_row(logits + t * N, bias, N, select.data());
@@ -227,20 +244,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
   const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
   // top_p is compared in fp32, as reference.route's fp32 tensor against the Python float.
   const float tp = top_p.has_value() ? static_cast<float>(*top_p) : 2.f;
+  std::atomic<bool> nonfinite{false};  // a NaN/Inf logit (checked here, not by a Python pass)
   ADAMOE_DISPATCH_FLOAT(logits.scalar_type(), "route_cpu", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
     float* w = weights.data_ptr<float>();
     int64_t* bc = block_counts.data();
     if (bias_ptr != nullptr && top_p.has_value()) {
-      route_blocks<scalar_t, true, true>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc);
+      route_blocks<scalar_t, true, true>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc,
+                                          nonfinite);
     } else if (bias_ptr != nullptr) {
-      route_blocks<scalar_t, true, false>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc);
+      route_blocks<scalar_t, true, false>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc,
+                                          nonfinite);
     } else if (top_p.has_value()) {
-      route_blocks<scalar_t, false, true>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc);
+      route_blocks<scalar_t, false, true>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc,
+                                          nonfinite);
     } else {
-      route_blocks<scalar_t, false, false>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc);
+      route_blocks<scalar_t, false, false>(x, T, N, k, n, norm, bias_ptr, tp, id_ptr, w, bc,
+                                          nonfinite);
     }
   });
+
+  TORCH_CHECK_VALUE(!nonfinite.load(), "router_logits contains NaN or Inf values");
 
   // Pass 2 (serial, (n+1) x num_blocks): each block's first position inside each bucket. Buckets
   // are laid out expert 0..n-1 then null, blocks in token order: a stable counting sort.

@@ -598,3 +598,37 @@ def test_bf16_kernels_without_amx():
     for name in ("test_bf16_tn_kernel_engages", "test_bf16_weight_grads_exactly_rounded",
                  "test_bf16_own_kernels_do_not_depend_on_thread_count[tn_bf16]"):
         assert any(name in line for line in passed), out[-4000:]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("row", [0, 300])  # the first token block, and a later one
+def test_route_cpu_kernel_rejects_nonfinite_logits(bad, row):
+    # The C++ routing checks the logits in its own pass (route skips the Python check on cpu).
+    logits = torch.randn(301, 12)
+    logits[row, 5] = bad
+    with pytest.raises(ValueError, match="router_logits contains NaN or Inf"):
+        torch.ops.adamoe.route_cpu(logits, 3, 8, "true", None, None)
+    with pytest.raises(ValueError, match="router_logits contains NaN or Inf"):
+        ak.route(logits.bfloat16(), 3, 8, backend="cpu")
+
+
+def test_no_grad_fast_path_matches_autograd_path():
+    # Without a wanted gradient the ops skip the autograd wrapper: bitwise the same outputs.
+    torch.manual_seed(0)
+    T, H, I, n, m, k = 9, 32, 48, 4, 3, 3
+    x = torch.randn(T, H, requires_grad=True)
+    gu = torch.randn(n, 2 * I, H) * 0.1
+    dn = torch.randn(n, H, I) * 0.1
+    logits = torch.randn(T, n + m, requires_grad=True)
+    r = ak.route(logits, k, n, backend="cpu")
+    y = ak.moe_mlp(x, gu, dn, r, backend="cpu")
+    assert y.requires_grad and r.topk_weights.requires_grad
+    with torch.no_grad():
+        r0 = ak.route(logits, k, n, backend="cpu")
+        y0 = ak.moe_mlp(x, gu, dn, r0, backend="cpu")
+    assert not y0.requires_grad and not r0.topk_weights.requires_grad
+    for a, b in zip((r.topk_ids, r.topk_weights, r.expert_offsets, r.sorted_slots, y),
+                    (r0.topk_ids, r0.topk_weights, r0.expert_offsets, r0.sorted_slots, y0)):
+        assert torch.equal(a.detach(), b)
+    ref = reference.moe_mlp(x.detach(), gu, dn, reference.route(logits.detach(), k, n))
+    torch.testing.assert_close(y0, ref, atol=1e-5, rtol=1e-4)

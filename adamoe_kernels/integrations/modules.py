@@ -46,7 +46,7 @@ def route_with_null_bias(router_logits: torch.Tensor, top_k: int, num_experts: i
     bias = None
     if m > 0 and null_bias is not None:
         if (torch.compiler.is_compiling() or null_bias.device.type != "cpu"
-                or bool(null_bias != 0)):
+                or null_bias.item() != 0):
             bias = null_selection_bias(num_experts, m, null_bias)
     return route(router_logits, top_k, num_experts, normalize, top_p=top_p, selection_bias=bias,
                  backend=backend)
