@@ -50,8 +50,8 @@ GPU_SHAPE = dict(hidden=4096, intermediate=14336, layers=2, vocab=32000, heads=3
 QUICK_SHAPE = dict(hidden=256, intermediate=704, layers=2, vocab=256, heads=4, kv_heads=2)
 FULL = dict(batches=[1, 4, 16, 64], prompt=128, new_tokens=64, compile_batches=[1, 16])
 QUICK = dict(batches=[1, 4], prompt=32, new_tokens=16, compile_batches=[1])
-BANDWIDTH_MIB = 512
-NULL_ROW_NOISE = 0.5  # see untie_null_rows  # the copy that measures memory bandwidth: 512 MiB read + 512 MiB written
+BANDWIDTH_MIB = 512  # the copy that measures memory bandwidth: 512 MiB read + 512 MiB written
+NULL_ROW_NOISE = 0.5  # see untie_null_rows
 
 
 def parse_args(argv=None):
