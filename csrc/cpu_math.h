@@ -83,16 +83,27 @@ void axpy(float* acc, float w, const float* x, int64_t n);
 // sum_i a[i] * b[i] (16-lane partial sums, fixed order)
 float dot(const float* a, const float* b, int64_t n);
 
-// C[m, n] = sum_k A[m, k] * B[n, k] for row-major fp32 A [M, K] (row stride lda), B [N, K] (ldb),
-// C [M, N] (ldc). Made for small M (the rows of one expert) against a large weight B, which is
-// streamed once without packing. Multithreaded over column blocks of C (at::parallel_for);
-// each C element is summed in the same order for any thread count. Needs has_avx512().
-void gemm_nt_small_m(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                     int64_t ldc, int64_t M, int64_t N, int64_t K);
+// One GEMM C[m, n] = sum_k A[m, k] * B[n, k] of gemm_nt_small_m: row-major A [M, K] (row stride
+// lda), B [N, K] (ldb), fp32 C [M, N] (ldc).
+template <typename T>
+struct NtGemm {
+  const T* A;
+  int64_t lda;
+  const T* B;
+  int64_t ldb;
+  float* C;
+  int64_t ldc;
+  int64_t M, N, K;
+};
+
+// The GEMMs gemms[0..count) (fp32), all in one parallel region. Made for small M (the rows of an
+// expert) against a large weight B, which is streamed once without packing. Multithreaded over
+// the column blocks of all the GEMMs (at::parallel_for); each C element is summed in the same
+// order for any thread count and any grouping. Needs has_avx512().
+void gemm_nt_small_m(const NtGemm<float>* gemms, int64_t count);
 // The same for bf16 A and B with fp32 C: products of bf16 pairs accumulated in fp32 lanes
 // (VDPBF16PS). Needs has_avx512_bf16().
-void gemm_nt_small_m(const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
-                     float* C, int64_t ldc, int64_t M, int64_t N, int64_t K);
+void gemm_nt_small_m(const NtGemm<c10::BFloat16>* gemms, int64_t count);
 
 // C[m, n] = sum_k A[m, k] * B[k, n] for row-major fp32 A [M, K], B [K, N], C [M, N]; small M
 // against a large B read row by row (no packing). Multithreaded over column blocks of C; the

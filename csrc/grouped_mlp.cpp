@@ -34,7 +34,9 @@
 // (adamoe_cpu::bwd_*). The experts run one after the other; each GEMM and each
 // elementwise pass is multithreaded inside (measured faster on few cores than experts in
 // parallel with single-threaded GEMMs, and it keeps every result independent of the thread count
-// up to the GEMM library's blocking).
+// up to the GEMM library's blocking). The forward's small-M experts are the exception: a run of
+// them shares each parallel region (forward_small_experts), since at decode (1-64 rows) the
+// forks/joins, not the GEMMs, were the per-expert fixed cost.
 #include "adamoe_cpu.h"
 #include "amx_gemm.h"
 #include "cpu_math.h"
@@ -45,6 +47,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
@@ -117,6 +120,20 @@ constexpr int64_t kTileCols = 256;
 constexpr int64_t kCombineGrain = 16;
 // Elements per task (and per fp32 conversion chunk) of the forward elementwise pass.
 constexpr int64_t kElementwiseGrain = 4096;
+// Elements per task of the row passes around the small-M GEMMs (SwiGLU, bf16 rounding, the
+// gather): fewer rows than this run on the calling thread, as a fork/join of the thread pool
+// costs about as much as that many elements (a decode step has 1-64 rows).
+constexpr int64_t kRowPassGrainElements = 16384;
+// Compact rows at or above which make_groups checks the experts in parallel.
+constexpr int64_t kGroupsParallelRows = 4096;
+// Most rows of one grouped launch of the small-M forward (forward_small_experts): bounds its fp32
+// scratch (rows x max(2I, H)); a decode step is always one launch.
+constexpr int64_t kSmallForwardChunkRows = 256;
+
+// Rows per task of a pass over rows of `cols` elements.
+int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, kRowPassGrainElements / std::max<int64_t>(cols, 1));  // H or I may be 0
+}
 
 // The row limit for this CPU: `intel` on Intel CPUs, `other` elsewhere (see the limits above).
 int64_t row_limit(int64_t intel, int64_t other) {
@@ -163,7 +180,7 @@ struct Scratch {
 // at::mm rounds its bf16 outputs; rows in parallel.
 void round_rows_to_bf16(const float* acc, int64_t lda, int64_t r, int64_t N, c10::BFloat16* out,
                         int64_t ldo) {
-  at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, r, row_grain(N), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) cpu_math::convert(acc + i * lda, out + i * ldo, N);
   });
 }
@@ -364,9 +381,15 @@ Groups make_groups(const at::Tensor& hidden, const at::Tensor& gate_up, const at
   g.I = gate_up.size(1) / 2;
   g.k = ids_in.size(1);
   const int64_t S = g.T * g.k;
-  const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  g.off.assign(o, o + g.n + 1);
+  if (offsets_in.scalar_type() == at::kInt) {  // as route returns them: no conversion copy
+    const at::Tensor offsets = offsets_in.contiguous();
+    const int32_t* o = offsets.data_ptr<int32_t>();
+    g.off.assign(o, o + g.n + 1);
+  } else {
+    const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+    const int64_t* o = offsets.data_ptr<int64_t>();
+    g.off.assign(o, o + g.n + 1);
+  }
   TORCH_CHECK_VALUE(g.off[0] == 0, "expert_offsets[0] must be 0");
   for (int64_t e = 0; e < g.n; ++e) {
     TORCH_CHECK_VALUE(g.off[e] <= g.off[e + 1], "expert_offsets must be non-decreasing");
@@ -384,7 +407,7 @@ Groups make_groups(const at::Tensor& hidden, const at::Tensor& gate_up, const at
   g.row_w.resize(g.A);
   g.pos.assign(S, -1);
   std::atomic<bool> bad{false};
-  at::parallel_for(0, g.n, 1, [&](int64_t e0, int64_t e1) {
+  at::parallel_for(0, g.n, g.A >= kGroupsParallelRows ? 1 : g.n, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       for (int64_t p = g.off[e]; p < g.off[e + 1]; ++p) {
         const int64_t s = sl[p];
@@ -412,6 +435,20 @@ Groups make_groups(const at::Tensor& hidden, const at::Tensor& gate_up, const at
   TORCH_CHECK_VALUE(n_true == g.A, "topk_ids has ", n_true, " true slots but expert_offsets[n] is ",
                     g.A);
   return g;
+}
+
+// Rows src[row_token[p]] of a contiguous [T, H] tensor as a new [A, H] one (index_select without
+// its dispatch and checks: the tokens are in range by make_groups' construction).
+at::Tensor gather_rows(const at::Tensor& src, const Groups& g) {
+  at::Tensor out = at::empty({g.A, g.H}, src.options());
+  const int64_t bytes = g.H * static_cast<int64_t>(src.element_size());
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* d = static_cast<char*>(out.data_ptr());
+  const int64_t* tok = g.row_token.data_ptr<int64_t>();
+  at::parallel_for(0, g.A, row_grain(g.H), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) std::memcpy(d + p * bytes, s + tok[p] * bytes, bytes);
+  });
+  return out;
 }
 
 // Block [rows, cols] of a flat buffer starting at row `row0` of a [*, cols] layout.
@@ -482,58 +519,68 @@ void forward_amx(const Groups& g, const at::Tensor& X, const at::Tensor& gate_up
   amx::grouped_down(experts.data(), n, H, I);
 }
 
-// Forward of one expert: rows Xe [r, H] -> gu block (saved), O rows [r, H].
+// Forward of the experts [e0, e1), all on the small-M kernels (row-major GU blocks) and holding
+// compact rows [p0, p1): gate_up of all of them in one parallel region, the SwiGLU pass over all
+// their rows, then down in one region (a decode step's experts cost three forks/joins in all, not
+// three each). fp32 GEMMs write GU and O in place; bf16 ones write fp32 scratch, rounded to bf16 as
+// the reference's bf16 matmuls round them, and h = silu(g) * u comes from the rounded g, u (as on
+// the at::mm path).
 template <typename scalar_t>
-void expert_forward(const at::Tensor& Xe, const at::Tensor& w_gu, const at::Tensor& w_down,
-                    at::Tensor& gu, at::Tensor& h_buf, at::Tensor& O, int64_t row0, int64_t r,
-                    Scratch& scratch) {
-  const int64_t H = Xe.size(1), I = w_down.size(1);
-  if (!gu_transposed(Xe.scalar_type(), H, I, r)) {  // row-major blocks, small-M NT kernels
-    scalar_t* gup = gu.data_ptr<scalar_t>() + row0 * 2 * I;  // [r, 2I]
-    scalar_t* hp = h_buf.data_ptr<scalar_t>();              // [r, I]
-    scalar_t* op = O.data_ptr<scalar_t>() + row0 * H;       // [r, H]
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      {
-        ADAMOE_SCOPE("fwd_gate_up");
-        cpu_math::gemm_nt_small_m(Xe.data_ptr<float>(), H, w_gu.data_ptr<float>(), H, gup,
-                                  2 * I, r, 2 * I, H);
+void forward_small_experts(const Groups& g, const scalar_t* X, const scalar_t* w_gu,
+                           const scalar_t* w_down, scalar_t* gu, scalar_t* h, scalar_t* O,
+                           int64_t e0, int64_t e1, Scratch& scratch) {
+  static_assert(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>,
+                "row-major GU blocks are fp32/bf16 only");
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  const int64_t H = g.H, I = g.I, p0 = g.off[e0], rows = g.off[e1] - p0;
+  float* acc = nullptr;
+  if constexpr (!kF32) acc = scratch.floats(rows * std::max(2 * I, H));
+  float* gu_out = kF32 ? reinterpret_cast<float*>(gu + p0 * 2 * I) : acc;  // [rows, 2I]
+  float* o_out = kF32 ? reinterpret_cast<float*>(O + p0 * H) : acc;        // [rows, H]
+  c10::SmallVector<cpu_math::NtGemm<scalar_t>, 16> gemms;
+  {
+    ADAMOE_SCOPE("fwd_gate_up");
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t p = g.off[e], r = g.off[e + 1] - p;
+      if (r) {
+        gemms.push_back({X + p * H, H, w_gu + e * 2 * I * H, H, gu_out + (p - p0) * 2 * I, 2 * I,
+                         r, 2 * I, H});
       }
-      {
-        ADAMOE_SCOPE("fwd_swiglu");
-        at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
-          for (int64_t i = r0; i < r1; ++i) {
-            cpu_math::silu_mul(gup + i * 2 * I, gup + i * 2 * I + I, hp + i * I, I);
-          }
-        });
-      }
-      ADAMOE_SCOPE("fwd_down");
-      cpu_math::gemm_nt_small_m(hp, I, w_down.data_ptr<float>(), I, op, H, r, H, I);
-    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      // fp32 GEMM results in scratch, rounded to bf16 as the reference's bf16 matmuls round them;
-      // h = silu(g) * u from the rounded g, u (as on the at::mm path).
-      float* acc = scratch.floats(r * std::max(2 * I, H));
-      {
-        ADAMOE_SCOPE("fwd_gate_up");
-        cpu_math::gemm_nt_small_m(Xe.data_ptr<scalar_t>(), H, w_gu.data_ptr<scalar_t>(), H, acc,
-                                  2 * I, r, 2 * I, H);
-      }
-      {
-        ADAMOE_SCOPE("fwd_swiglu");
-        at::parallel_for(0, r, 1, [&](int64_t r0, int64_t r1) {
-          for (int64_t i = r0; i < r1; ++i) {
-            cpu_math::convert(acc + i * 2 * I, gup + i * 2 * I, 2 * I);
-            silu_mul_any(gup + i * 2 * I, gup + i * 2 * I + I, hp + i * I, I);
-          }
-        });
-      }
-      ADAMOE_SCOPE("fwd_down");
-      cpu_math::gemm_nt_small_m(hp, I, w_down.data_ptr<scalar_t>(), I, acc, H, r, H, I);
-      round_rows_to_bf16(acc, H, r, H, op, H);
-    } else {
-      TORCH_CHECK(false, "row-major GU blocks are fp32/bf16 only");
     }
-    return;
+    cpu_math::gemm_nt_small_m(gemms.data(), static_cast<int64_t>(gemms.size()));
   }
+  {
+    ADAMOE_SCOPE("fwd_swiglu");
+    at::parallel_for(0, rows, row_grain(2 * I), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        scalar_t* gui = gu + (p0 + i) * 2 * I;
+        if constexpr (kF32) {
+          cpu_math::silu_mul(gui, gui + I, h + i * I, I);
+        } else {
+          cpu_math::convert(acc + i * 2 * I, gui, 2 * I);
+          silu_mul_any(gui, gui + I, h + i * I, I);
+        }
+      }
+    });
+  }
+  ADAMOE_SCOPE("fwd_down");
+  gemms.clear();
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t p = g.off[e], r = g.off[e + 1] - p;
+    if (r) {
+      gemms.push_back({h + (p - p0) * I, I, w_down + e * H * I, I, o_out + (p - p0) * H, H, r, H, I});
+    }
+  }
+  cpu_math::gemm_nt_small_m(gemms.data(), static_cast<int64_t>(gemms.size()));
+  if constexpr (!kF32) round_rows_to_bf16(acc, H, rows, H, O + p0 * H, H);
+}
+
+// Forward of one expert on at::mm: rows Xe [r, H] -> its transposed GU block [2I, r] (saved), O
+// rows [r, H].
+template <typename scalar_t>
+void expert_forward_mm(const at::Tensor& Xe, const at::Tensor& w_gu, const at::Tensor& w_down,
+                       at::Tensor& gu, at::Tensor& h_buf, at::Tensor& O, int64_t row0, int64_t r) {
+  const int64_t I = w_down.size(1);
   at::Tensor guT = block(gu, row0, r, 2 * I, r);
   {
     ADAMOE_SCOPE("fwd_gate_up");
@@ -578,21 +625,49 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
     at::Tensor X;
     {
       ADAMOE_SCOPE("fwd_gather");
-      X = hidden.index_select(0, g.row_token);  // [A, H]
+      X = gather_rows(hidden, g);  // [A, H]
     }
     Scratch scratch;
     if (amx_forward(hidden.scalar_type(), H, I)) {
       forward_amx(g, X, gate_up, down, gu, O, scratch);
     } else {
+      const auto st = hidden.scalar_type();
+      const auto rows = [&](int64_t e) { return g.off[e + 1] - g.off[e]; };
+      // On the small-M kernels (fp32/bf16 only, few rows).
+      const auto small = [&](int64_t e) { return !gu_transposed(st, H, I, rows(e)); };
+      // h of one at::mm expert or one small-M launch (at most kSmallForwardChunkRows rows or one
+      // expert), reused.
       int64_t max_rows = 0;
-      for (int64_t e = 0; e < g.n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);
-      at::Tensor h_buf = at::empty({max_rows * I}, opts);  // h of one expert, reused
-      ADAMOE_DISPATCH_FLOAT(hidden.scalar_type(), "moe_mlp_forward_cpu", [&] {
-        for (int64_t e = 0; e < g.n; ++e) {
-          const int64_t r = g.off[e + 1] - g.off[e];
-          if (r == 0) continue;  // an expert with no rows does no work
-          expert_forward<scalar_t>(X.narrow(0, g.off[e], r), gate_up[e], down[e], gu, h_buf, O,
-                                   g.off[e], r, scratch);
+      for (int64_t e = 0; e < g.n; ++e) max_rows = std::max(max_rows, rows(e));
+      at::Tensor h_buf =
+          at::empty({std::min(A, std::max(max_rows, kSmallForwardChunkRows)) * I}, opts);
+      ADAMOE_DISPATCH_FLOAT(st, "moe_mlp_forward_cpu", [&] {
+        for (int64_t e = 0; e < g.n;) {
+          if (rows(e) == 0) {  // an expert with no rows does no work
+            ++e;
+            continue;
+          }
+          if (!small(e)) {
+            expert_forward_mm<scalar_t>(X.narrow(0, g.off[e], rows(e)), gate_up[e], down[e], gu,
+                                        h_buf, O, g.off[e], rows(e));
+            ++e;
+            continue;
+          }
+          // The run of small (or empty) experts from e, up to kSmallForwardChunkRows rows or e alone.
+          int64_t e1 = e + 1;
+          while (e1 < g.n && (rows(e1) == 0 || small(e1)) &&
+                 g.off[e1 + 1] - g.off[e] <= kSmallForwardChunkRows) {
+            ++e1;
+          }
+          if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+            TORCH_CHECK(false, "fp16 experts run on at::mm");  // small() is never true for fp16
+          } else {
+            forward_small_experts<scalar_t>(g, X.data_ptr<scalar_t>(), gate_up.data_ptr<scalar_t>(),
+                                            down.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(),
+                                            h_buf.data_ptr<scalar_t>(), O.data_ptr<scalar_t>(), e,
+                                            e1, scratch);
+          }
+          e = e1;
         }
       });
     }
@@ -770,8 +845,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_mlp_backward_cpu(
     at::Tensor X, dY;  // [A, H]: the rows of hidden (for d gate_up_proj) and of dy
     {
       ADAMOE_SCOPE("bwd_gather");
-      if (need_gate_up) X = hidden.index_select(0, g.row_token);
-      dY = dy.index_select(0, g.row_token);
+      if (need_gate_up) X = gather_rows(hidden, g);
+      dY = gather_rows(dy, g);
     }
     int64_t max_rows = 0;
     for (int64_t e = 0; e < n; ++e) max_rows = std::max(max_rows, g.off[e + 1] - g.off[e]);

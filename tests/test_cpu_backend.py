@@ -284,6 +284,47 @@ def test_moe_mlp_matches_reference(T, n, m, k, H, I, null_bias, empty_expert, no
         assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS[:2], ids=["float32", "bfloat16"])
+def test_moe_mlp_mixed_expert_sizes_match_reference(dtype, atol, rtol):
+    """One expert takes every token (1100 rows: above every small-kernel row limit, at::mm) and
+    seven share the second slots (~157 rows each: the small-M kernels where the CPU has them),
+    so one forward mixes both paths and the small experts' grouped launches are split at their
+    row limit (forward_small_experts)."""
+    T, n, k, H, I = 1100, 8, 2, 20, 24
+    lg, x, gu, dn = _moe_case(T, n, 0, k, H, I, dtype)
+    lg[:, 0] += 30.0
+    gy = torch.randn(T, H)
+    y, grads = _run("cpu", lg, x, gu, dn, k, n, "true", "zero", gy)
+    y_ref, grads_ref = _run("torch", lg, x, gu, dn, k, n, "true", "zero", gy, upcast=True)
+    counts = ak.route(lg, k, n, backend="cpu").expert_counts
+    assert counts[0] == T and counts[1:].max() < 192 and counts[1:].sum() == T
+    _close(y, y_ref, atol, rtol, "y")
+    for name, got, want in zip(("d hidden", "d gate_up_proj", "d down_proj", "d router_logits"),
+                               grads, grads_ref):
+        _close(got, want, atol, rtol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_do_not_depend_on_the_batch(dtype):
+    """On the small-M kernels every output row is summed in a fixed order whatever other rows and
+    experts share the launch: a token decoded in a batch of 16 gets exactly the bits it gets
+    alone (so batched greedy decoding picks the same tokens as one sequence at a time)."""
+    from adamoe_kernels.ops.cpu import cpu_features
+
+    f = cpu_features()  # bf16: off on Intel CPUs (AMX or oneDNN take those), see grouped_mlp.cpp
+    small_m = (f["avx512_bf16"] and not f["amx_bf16"] and not f["intel"]
+               if dtype == torch.bfloat16 else f["avx512"])
+    if not small_m:
+        pytest.skip("the small-M kernels do not run for this dtype on this CPU")
+    T, n, m, k, H, I = 16, 8, 8, 3, 64, 96
+    lg, x, gu, dn = _moe_case(T, n, m, k, H, I, dtype)
+    with torch.no_grad():
+        y = ak.moe_mlp(x, gu, dn, ak.route(lg, k, n, backend="cpu"), backend="cpu")
+        for t in range(T):
+            r = ak.route(lg[t:t + 1], k, n, backend="cpu")
+            assert torch.equal(ak.moe_mlp(x[t:t + 1], gu, dn, r, backend="cpu"), y[t:t + 1]), t
+
+
 def test_topk_weights_gradient_direct():
     """d topk_weights of moe_mlp alone (not through route), including null slots (identity)."""
     T, n, m, k, H, I = 33, 4, 3, 3, 16, 24
