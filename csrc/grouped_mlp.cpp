@@ -131,8 +131,8 @@ constexpr int64_t kGroupsParallelRows = 4096;
 constexpr int64_t kSmallForwardChunkRows = 256;
 
 // Rows per task of a pass over rows of `cols` elements.
-int64_t row_grain(int64_t cols) {
-  return std::max<int64_t>(1, kRowPassGrainElements / std::max<int64_t>(cols, 1));  // H or I may be 0
+int64_t row_grain(int64_t cols) {  // cols (H or I) may be 0
+  return std::max<int64_t>(1, kRowPassGrainElements / std::max<int64_t>(cols, 1));
 }
 
 // The row limit for this CPU: `intel` on Intel CPUs, `other` elsewhere (see the limits above).
@@ -568,7 +568,8 @@ void forward_small_experts(const Groups& g, const scalar_t* X, const scalar_t* w
   for (int64_t e = e0; e < e1; ++e) {
     const int64_t p = g.off[e], r = g.off[e + 1] - p;
     if (r) {
-      gemms.push_back({h + (p - p0) * I, I, w_down + e * H * I, I, o_out + (p - p0) * H, H, r, H, I});
+      gemms.push_back(
+          {h + (p - p0) * I, I, w_down + e * H * I, I, o_out + (p - p0) * H, H, r, H, I});
     }
   }
   cpu_math::gemm_nt_small_m(gemms.data(), static_cast<int64_t>(gemms.size()));
@@ -653,7 +654,8 @@ std::tuple<at::Tensor, at::Tensor> moe_mlp_forward_cpu(
             ++e;
             continue;
           }
-          // The run of small (or empty) experts from e, up to kSmallForwardChunkRows rows or e alone.
+          // The run of small (or empty) experts from e: up to kSmallForwardChunkRows rows, or e
+          // alone.
           int64_t e1 = e + 1;
           while (e1 < g.n && (rows(e1) == 0 || small(e1)) &&
                  g.off[e1 + 1] - g.off[e] <= kSmallForwardChunkRows) {
