@@ -236,3 +236,31 @@ def test_cpu_backend_dials_route_in_cpp(dial, monkeypatch):
         y_torch = torch_model(x)
     assert [float(layer.last_load) for layer in adamoe_layers(torch_model)] == cpu_loads
     torch.testing.assert_close(y_cpu, y_torch, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if cpu_extension_available() else []))
+def test_cpu_selection_bias_follows_every_change_of_null_bias(backend):
+    """On CPU the selection bias is built once per bias value: every way of changing
+    ``null_bias`` (in place, through ``.data``, a new tensor) routes with the new value, and
+    each forward leaves a new ``last_load`` tensor (a kept one does not change under you)."""
+    block = _stack(backend)[0].block
+    x = torch.randn(64, 32)
+
+    loads = []
+    setters = [lambda v: block.null_bias.fill_(v), lambda v: block.null_bias.data.fill_(v),
+               lambda v: setattr(block, "null_bias", torch.tensor(v)),
+               lambda v: block.null_bias.fill_(v)]
+    with torch.no_grad():
+        for setter, value in zip(setters, [1.0, -0.5, 0.25, 1.0]):
+            setter(value)
+            y = block(x)
+            bias = torch.cat([torch.zeros(4), torch.full((8,), value)])
+            r = ak.reference.route(block.router(x), 4, 4, selection_bias=bias)
+            y_ref = ak.reference.moe_mlp(x, block.gate_up_proj, block.down_proj, r)
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+            assert float(block.last_load) == pytest.approx(float(r.load()))
+            loads.append((block.last_load, float(r.load())))
+    assert len({id(t) for t, _ in loads}) == len(loads)
+    assert [float(t) for t, _ in loads] == pytest.approx([v for _, v in loads])
+    assert len({v for _, v in loads}) >= 3  # the values really moved the load
+
