@@ -350,6 +350,72 @@ def step_breakdown(model, ids, new_tokens, device, runs=2) -> dict:
     return best
 
 
+# ---- where a compiled decode step goes -----------------------------------------------------------
+
+PROFILE_PHASES = (  # op-name patterns of torch.profiler's events, first match wins
+    ("experts", ("moe_mlp", "adamoe_cpu::", "_grouped_mm")),
+    ("route", ("route_cpu",)),  # the routing op (the gate's GEMV is a dense GEMM)
+    ("attention_sdpa", ("scaled_dot_product",)),
+    ("dense_gemm", ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn")),
+    ("dynamo_guards", ("TorchDynamo Cache Lookup",)),
+    ("inductor_kernels", ("CompiledFxGraph", "Torch-Compiled Region")),
+)
+INSIDE_PHASES = ("experts", "route", "attention_sdpa")  # an op inside one of these counts there
+
+
+def _phase_of(name: str) -> str:
+    return next((n for n, pats in PROFILE_PHASES if any(p in name for p in pats)), "other")
+
+
+class ProfiledSteps(StepClock):
+    """A ``StepClock`` that runs ``torch.profiler`` from the first generated token on (so the
+    prefill, run eagerly by transformers, is not in it)."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU])
+        self.running = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        out = super().__call__(input_ids, scores, **kwargs)
+        if not self.running:
+            self.prof.start()
+            self.running = True
+        return out
+
+
+def compiled_step_profile(model, ids, new_tokens, device, top=6) -> dict | None:
+    """Self CPU time per decode step of a compiled generate, by phase (``PROFILE_PHASES``; an op
+    called inside the experts, the routing or attention counts there, e.g. the ``aten::mm`` of
+    top-2's ``grouped_mm`` on CPU; the rest is ``other``) and the ``top`` ops. CPU only; the
+    profiler's own cost inflates the small ops, so the shares, not the sums, are the
+    measurement."""
+    if device.type != "cpu":
+        return None
+    clock = ProfiledSteps(device)
+    try:
+        generate(model, ids, new_tokens, device, compiled=True, clock=clock)
+    finally:
+        if clock.running:
+            clock.prof.stop()
+    steps = max(len(clock.times) - 1, 1)
+    phases = {name: 0.0 for name, _ in PROFILE_PHASES}
+    phases["other"] = 0.0
+    for e in clock.prof.events():  # self time, to the phase of the op or of its caller
+        phase, up = _phase_of(e.name), e.cpu_parent
+        while phase not in INSIDE_PHASES and up is not None:
+            if _phase_of(up.name) in INSIDE_PHASES:
+                phase = _phase_of(up.name)
+            up = up.cpu_parent
+        phases[phase] += e.self_cpu_time_total / 1e3 / steps
+    ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in clock.prof.key_averages()]
+    ops.sort(key=lambda o: -o[1])
+    return {"per_step_ms": {k: round(v, 4) for k, v in phases.items()},
+            "top_ops_ms": [[k[:60], round(v, 4)] for k, v in ops[:top]]}
+
+
 # ---- routing + grouping at decode sizes --------------------------------------------------------
 
 def routing_rows(ada, device, dtype, backend, batches, reps) -> list[dict]:
@@ -552,6 +618,7 @@ def compiled_rows(args, group, hf, ada, biases, ids, sz, device, reps, bar, per_
                 runs.append(timing_of(clock, B))
                 bar.update()
             row["_runs"] = runs
+            row["profile"] = compiled_step_profile(model, ids, sz["new_tokens"], device)
             finish_row(row, B, sz, per_expert, layers, hf, bw)
             row["speedup_vs_eager"] = row["decode_tok_s"] / base["decode_tok_s"]
         except Exception as e:  # noqa: BLE001 (recorded: a model that does not compile)

@@ -268,9 +268,26 @@ def generate_table(payload) -> list[str]:
         out.append(f"¹ the compiled run's greedy tokens are not the eager run's ({m.get('dtype')}"
                    + (f"; share of tokens equal to the eager static-cache run's: "
                       f"{min(agree):.2f}-{max(agree):.2f}" if agree else "") + ").")
+    out += _compiled_profile_line(comp)
     if top2c or differ:
         out.append("")
     return out
+
+
+def _compiled_profile_line(comp) -> list[str]:
+    """Where a compiled batch-1 decode step goes (``bench/generate.py``'s profile): AdaMoE at
+    its lowest load next to top-2, ms per step by phase."""
+    prof = [c for c in comp if c["batch"] == 1 and c.get("profile")]
+    ada = sorted((c for c in prof if c["config"] != "top2"), key=lambda c: c["load_target"])
+    pair = ada[:1] + [c for c in prof if c["config"] == "top2"][:1]
+    if not pair:
+        return []
+    names = " / ".join(c["setting"] for c in pair)
+    phases = pair[0]["profile"]["per_step_ms"]
+    parts = [f"{k.replace('_', ' ')} " + " / ".join(_f(c["profile"]["per_step_ms"].get(k), 2)
+                                                     for c in pair) for k in phases]
+    return [f"Compiled decode step at B=1, torch.profiler self CPU ms per step ({names}; the "
+            f"profiler inflates small ops): " + ", ".join(parts) + "."]
 
 
 def render(results: dict, repo_root: Path) -> str:

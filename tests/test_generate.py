@@ -105,6 +105,17 @@ def test_compiled_static_generation_gives_eager_tokens():
     assert torch.equal(compiled, eager)
     loads = ak.expert_load(model)
     assert all(0 < L < 3 for L in loads)
+    # bench/generate.py's profile of the compiled decode steps: the compiled graph and the
+    # experts' custom op are in it (the same compiled step, reused)
+    sys.path.append(str(BENCH))
+    gen = importlib.import_module("generate")
+    prof = gen.compiled_step_profile(model, ids, 6, torch.device("cpu"))
+    phases = prof["per_step_ms"]
+    assert set(phases) == {name for name, _ in gen.PROFILE_PHASES} | {"other"}
+    assert phases["inductor_kernels"] > 0 and phases["experts"] > 0 and phases["route"] > 0
+    assert len(prof["top_ops_ms"]) == 6
+    assert [ms for _, ms in prof["top_ops_ms"]] == sorted((ms for _, ms in prof["top_ops_ms"]),
+                                                          reverse=True)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="CPU interpreter run of the triton backend")
