@@ -226,15 +226,17 @@ def generate_table(payload) -> list[str]:
     s = m.get("sizes", {})
     eager = [r for r in rows if not r.get("compiled")]
     comp = [r for r in rows if r.get("compiled") and r.get("decode_tok_s")]
+    attns = list(dict.fromkeys(c.get("attn", "sdpa") for c in comp)) or ["sdpa"]
     bw = (m.get("bandwidth") or {}).get("gb_s")
     out = [f"{str(m.get('model', '')).replace(' (random init)', '')}, prompt {s.get('prompt')}, "
            f"{s.get('new_tokens')} new tokens, greedy `model.generate` with a KV cache; bytes ratio "
            "= bytes read per decode step, top-2 / AdaMoE (experts touched + the rest); "
            f"copy bandwidth {_f(bw, 1)} GB/s; compiled = static cache, the decode step under "
-           "`torch.compile`, over the eager (dynamic cache) tok/s:", "",
+           "`torch.compile` (with transformers' attention implementation "
+           f"{' / '.join(attns)}), over the eager (dynamic cache, sdpa) tok/s:", "",
            "| B | L target | L decode | top-2 eager tok/s | top-2 grouped_mm tok/s | AdaMoE tok/s "
            "| vs top-2 grouped_mm | bytes ratio | prefill ms (AdaMoE / top-2 grouped_mm) "
-           "| compiled vs eager |",
+           f"| compiled vs eager ({' / '.join(attns)}) |",
            "|" + " --- |" * 10]
     differ = []  # compiled rows whose tokens are not the eager run's
     for B in sorted({r["batch"] for r in eager}):
@@ -242,11 +244,15 @@ def generate_table(payload) -> list[str]:
         top = {r["impl"]: r for r in group if r["config"] == "top2"}
         gm, te = top.get("grouped_mm"), top.get("eager")
         for r in sorted((r for r in group if r["config"] != "top2"), key=lambda r: -r["load_target"]):
-            c = next((c for c in comp if c["batch"] == B and c["setting"] == r["setting"]), None)
-            mark = ""
-            if c is not None and c.get("same_tokens_as_eager") is False:
-                mark = "¹"
-                differ.append(c)
+            cells = []
+            for a in attns:
+                c = next((c for c in comp if c["batch"] == B and c["setting"] == r["setting"]
+                          and c.get("attn", "sdpa") == a), None)
+                mark = ""
+                if c is not None and c.get("same_tokens_as_eager") is False:
+                    mark = "¹"
+                    differ.append(c)
+                cells.append(_x((c or {}).get("speedup_vs_eager")) + mark)
             vs = (r["decode_tok_s"] / gm["decode_tok_s"]
                   if gm and gm.get("decode_tok_s") and r.get("decode_tok_s") else None)
             out.append(
@@ -254,13 +260,13 @@ def generate_table(payload) -> list[str]:
                 f"| {_f((te or {}).get('decode_tok_s'), 1)} | {_f((gm or {}).get('decode_tok_s'), 1)} "
                 f"| {_f(r.get('decode_tok_s'), 1)} | {_x(vs)} | {_x(r.get('bytes_ratio_vs_top2'))} "
                 f"| {_f(r.get('prefill_ms'), 1)} / {_f((gm or {}).get('prefill_ms'), 1)} "
-                f"| {_x((c or {}).get('speedup_vs_eager'))}{mark} |")
+                f"| {' / '.join(cells)} |")
     out.append("")
     top2c = [c for c in comp if c["config"] == "top2"]
     differ += [c for c in top2c if c.get("same_tokens_as_eager") is False]
     if top2c:
         out.append("Top-2 `grouped_mm` compiled vs eager: " + ", ".join(
-            f"B={c['batch']} {_x(c.get('speedup_vs_eager'))}"
+            f"B={c['batch']} {c.get('attn', 'sdpa')} {_x(c.get('speedup_vs_eager'))}"
             + ("¹" if c.get("same_tokens_as_eager") is False else "") for c in top2c) + ".")
     agree = [c["token_agreement_vs_eager_static"] for c in differ
              if c.get("token_agreement_vs_eager_static") is not None]
@@ -279,15 +285,16 @@ def _compiled_profile_line(comp) -> list[str]:
     its lowest load next to top-2, ms per step by phase."""
     prof = [c for c in comp if c["batch"] == 1 and c.get("profile")]
     ada = sorted((c for c in prof if c["config"] != "top2"), key=lambda c: c["load_target"])
-    pair = ada[:1] + [c for c in prof if c["config"] == "top2"][:1]
+    low = [c for c in ada if c["load_target"] == ada[0]["load_target"]] if ada else []
+    pair = low + [c for c in prof if c["config"] == "top2"]
     if not pair:
         return []
-    names = " / ".join(c["setting"] for c in pair)
+    names = " / ".join(f"{c['setting']} {c.get('attn', 'sdpa')}" for c in pair)
     phases = pair[0]["profile"]["per_step_ms"]
     parts = [f"{k.replace('_', ' ')} " + " / ".join(_f(c["profile"]["per_step_ms"].get(k), 2)
                                                      for c in pair) for k in phases]
-    return [f"Compiled decode step at B=1, torch.profiler self CPU ms per step ({names}; the "
-            f"profiler inflates small ops): " + ", ".join(parts) + "."]
+    return [f"Compiled decode step at B=1, torch.profiler self CPU ms per step ({names} "
+            f"attention; the profiler inflates small ops): " + ", ".join(parts) + "."]
 
 
 def render(results: dict, repo_root: Path) -> str:
