@@ -12,9 +12,10 @@ else (attention, norms, router, LM head, the KV cache), next to this machine's m
 measured in the same run (a large copy). Compiled generation: ``cache_implementation="static"``
 with the decode step under ``torch.compile(fullgraph=True)`` (transformers' ``compile_config``),
 with transformers' default attention (sdpa) and with its eager attention, checked to give the
-eager tokens, with a profile of where its step goes (torch.profiler phases). A per-op breakdown of one decode step (module hooks: attention,
-router, experts, LM head, norms/embedding, the rest of the model's Python, the generate loop)
-and the routing + grouping cost at T <= 64 (profiler phases of one MoE layer).
+eager tokens, with a profile of where its step goes (torch.profiler phases). A per-op breakdown
+of one decode step (module hooks: attention, router, experts, LM head, norms/embedding, the
+rest of the model's Python, the generate loop) and the routing + grouping cost at T <= 64
+(profiler phases of one MoE layer).
 
     python bench/generate.py --quick          # < 1 min on a 2-core CPU
     python bench/generate.py                  # bf16 and fp32, ~10 min on a 2-core CPU
