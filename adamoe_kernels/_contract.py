@@ -72,7 +72,7 @@ def debug_checks_enabled() -> bool:
 def check_tensor(name: str, x, ndim: int | None = None, dtypes=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type == "meta":
+    if x.is_meta:
         raise ValueError(f"{name} is a meta tensor (it holds no data); adamoe_kernels needs CPU "
                          "or CUDA tensors")
     if ndim is not None and x.dim() != ndim:
@@ -222,10 +222,11 @@ def check_routing(routing, num_tokens: int, num_experts: int) -> None:
                 f"{name} must have shape {shape} (n = gate_up_proj.shape[0] = {num_experts} true "
                 f"experts, T*k = {num_tokens * k}), got {tuple(t.shape)}"
             )
+    device = ids.device
     for name, t in (("routing.topk_ids", ids), ("routing.topk_weights", w),
                     ("routing.expert_offsets", routing.expert_offsets),
                     ("routing.sorted_slots", routing.sorted_slots)):
-        if t.device != routing.topk_ids.device:
+        if t.device != device:
             raise ValueError(f"{name} is on {t.device} but routing.topk_ids is on {ids.device}")
 
 
