@@ -490,6 +490,25 @@ def copy_bandwidth(device, mib=BANDWIDTH_MIB, reps=5) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def bandwidth_near(before: dict, after: dict) -> dict:
+    """The bandwidth a batch's rows are held to: the mean of the copies measured right before its
+    timed runs and right after its breakdown (a shared machine's bandwidth drifts by 10-30%
+    within a run; one copy at the start made the bytes bounds move with it)."""
+    return {"gb_s": (before["gb_s"] + after["gb_s"]) / 2,
+            "samples_gb_s": [before["gb_s"], after["gb_s"]]}
+
+
+def bandwidth_summary(samples: list[dict]) -> dict:
+    """All copies of the run: the median (the headline), the range and each sample."""
+    return {"copy_mib": samples[0]["copy_mib"], "threads": samples[0]["threads"],
+            "gb_s": statistics.median(s["gb_s"] for s in samples),
+            "read_gb_s": statistics.median(s["read_gb_s"] for s in samples),
+            "min_gb_s": min(s["gb_s"] for s in samples),
+            "max_gb_s": max(s["gb_s"] for s in samples),
+            "samples_gb_s": [round(s["gb_s"], 2) for s in samples],
+            "read_samples_gb_s": [round(s["read_gb_s"], 2) for s in samples]}
+
+
 # ---- the sweep ----------------------------------------------------------------------------------
 
 def settings_of(args):
@@ -530,7 +549,7 @@ def run_dtype(args, device, dtype, backend):
     hf, ada = build_models(sz, dtype, device, backend, args.seed)
     settings = settings_of(args)
     biases = calibrate(ada, args.loads, sz, device, args.seed)
-    bw = copy_bandwidth(device)
+    samples = []  # copies before and after each batch's timed runs (bandwidth_near)
     per_expert = expert_bytes(hf)
     sz["bytes_per_expert"] = per_expert
     layers = sz["layers"]
@@ -553,6 +572,7 @@ def run_dtype(args, device, dtype, backend):
             row["_tokens"] = c["tokens"]
             group.append(row)
             bar.update()
+        samples.append(copy_bandwidth(device))
         for _ in range(reps):  # timed: settings interleaved, each rep one generate per setting
             for row in group:
                 model = apply_setting(row, hf, ada, biases)
@@ -565,6 +585,9 @@ def run_dtype(args, device, dtype, backend):
                 model = apply_setting(row, hf, ada, biases)
                 row["breakdown"] = step_breakdown(model, ids, sz["new_tokens"], device)
             bar.update()
+        samples.append(copy_bandwidth(device))
+        bw = bandwidth_near(samples[-2], samples[-1])
+        for row in group:
             finish_row(row, B, sz, per_expert, layers, hf, bw)
         rows += group
         if B in sz["compile_batches"]:
@@ -575,7 +598,7 @@ def run_dtype(args, device, dtype, backend):
     routing = routing_rows(ada, device, dtype, backend, sz["batches"], reps)
     for row in rows:
         row.pop("_tokens", None)
-    return sz, bw, rows, routing
+    return sz, bandwidth_summary(samples), rows, routing
 
 
 def finish_row(row, B, sz, per_expert, layers, hf, bw):
@@ -589,6 +612,7 @@ def finish_row(row, B, sz, per_expert, layers, hf, bw):
     row["other_bytes_per_step"] = non_expert_bytes(hf, B, cache_len)
     row["bytes_per_step"] = row["expert_bytes_per_step"] + row["other_bytes_per_step"]
     row["bandwidth_gb_s"] = bw["gb_s"]
+    row["bandwidth_samples_gb_s"] = [round(v, 2) for v in bw["samples_gb_s"]]
     row["bytes_bound_step_ms"] = row["bytes_per_step"] / (bw["gb_s"] * 1e9) * 1e3
     row["expert_bytes_bound_layer_ms"] = (row["expert_bytes_per_step"] / layers
                                           / (bw["gb_s"] * 1e9) * 1e3)
@@ -807,8 +831,10 @@ def main(argv=None):
             bytes=("expert bytes per step = distinct true experts touched per layer (untimed "
                    "pass, same tokens) x bytes per expert, summed over layers; other bytes = "
                    "all non-expert weights (embedding: the rows looked up) + the KV cache read"),
-            bandwidth_note="memory bandwidth = (read + written bytes) / time of a 512 MiB copy, "
-                           "best of 5, same threads",
+            bandwidth_note=("memory bandwidth = (read + written bytes) / time of a 512 MiB "
+                            "copy, best of 5, same threads; measured before and after each "
+                            "batch's timed runs, each row held to the mean of its batch's two "
+                            "(bandwidth_samples_gb_s); meta gb_s = the median of all copies"),
             breakdown_note=("module hooks (perf_counter) over one untimed generate; router = "
                             "MoE block - experts; model_other = model forward - its modules "
                             "(residuals, rotary, masks, Python); generate_loop = step - forward"),

@@ -227,11 +227,15 @@ def generate_table(payload) -> list[str]:
     eager = [r for r in rows if not r.get("compiled")]
     comp = [r for r in rows if r.get("compiled") and r.get("decode_tok_s")]
     attns = list(dict.fromkeys(c.get("attn", "sdpa") for c in comp)) or ["sdpa"]
-    bw = (m.get("bandwidth") or {}).get("gb_s")
+    bw = m.get("bandwidth") or {}
+    bw_text = f"copy bandwidth {_f(bw.get('gb_s'), 1)} GB/s"
+    if len(bw.get("samples_gb_s") or []) > 1:  # sampled around each batch (bench/generate.py)
+        bw_text += (f" (median of {len(bw['samples_gb_s'])} copies, {_f(bw['min_gb_s'], 1)}–"
+                    f"{_f(bw['max_gb_s'], 1)}; each batch held to the copies around it)")
     out = [f"{str(m.get('model', '')).replace(' (random init)', '')}, prompt {s.get('prompt')}, "
            f"{s.get('new_tokens')} new tokens, greedy `model.generate` with a KV cache; bytes ratio "
            "= bytes read per decode step, top-2 / AdaMoE (experts touched + the rest); "
-           f"copy bandwidth {_f(bw, 1)} GB/s; compiled = static cache, the decode step under "
+           f"{bw_text}; compiled = static cache, the decode step under "
            "`torch.compile` (with transformers' attention implementation "
            f"{' / '.join(attns)}), over the eager (dynamic cache, sdpa) tok/s:", "",
            "| B | L target | L decode | top-2 eager tok/s | top-2 grouped_mm tok/s | AdaMoE tok/s "

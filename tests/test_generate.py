@@ -149,6 +149,16 @@ def test_generate_bench_quick(tmp_path):
     payload = json.loads(Path(res["json"]).read_text())
     meta, rows = payload["meta"], payload["rows"]
     assert meta["script"] == "generate" and meta["bandwidth"]["gb_s"] > 0
+    # the bandwidth is sampled before and after each batch's timed runs; a row is held to its pair
+    bw = meta["bandwidth"]
+    assert len(bw["samples_gb_s"]) == 2 * 2 and bw["min_gb_s"] <= bw["gb_s"] <= bw["max_gb_s"]
+    for i, B in enumerate((1, 2)):
+        pair = bw["samples_gb_s"][2 * i:2 * i + 2]
+        for r in (r for r in rows if r["batch"] == B):
+            assert r["bandwidth_samples_gb_s"] == pytest.approx(pair, abs=0.01)
+            assert r["bandwidth_gb_s"] == pytest.approx(sum(pair) / 2, abs=0.01)
+            assert r["bytes_bound_step_ms"] == pytest.approx(
+                r["bytes_per_step"] / (r["bandwidth_gb_s"] * 1e9) * 1e3)
     assert set(meta["targets"]) >= {"moe_layer_within_1.25x_of_bytes_over_bw",
                                      "b1_speedup_at_least_0.85x_bytes_ratio",
                                      "compiled_b1_at_least_1.5x_eager"}
