@@ -10,7 +10,8 @@ Public API (names fixed by DESIGN.md)::
 # Layered as docs/architecture.md says: kernels/ -> ops/ -> this package's functional API
 # (routing, moe, lora, losses; reference beside it) -> integrations/ -> training/.
 from . import reference
-from .integrations import add_mo_lora, convert_model, expert_load, from_pretrained, load_control
+from .integrations import (add_mo_lora, convert_model, expert_load, from_pretrained, load_control,
+                           use_decode_linears)
 from .integrations.load_control import LoadController, set_target_load, set_top_p
 from .integrations.modules import AdaMoEBlock, AdaMoELoRALinear
 from .lora import moe_lora
@@ -42,6 +43,7 @@ __all__ = [
     "route",
     "set_target_load",
     "set_top_p",
+    "use_decode_linears",
 ]
 
 

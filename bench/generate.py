@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="attention implementations of the compiled runs (the eager runs keep "
                         "the model's default, sdpa)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-op breakdown")
+    p.add_argument("--decode-linears", action="store_true",
+                   help="both models' dense layers (attention, LM head) on the C++ small-M "
+                        "kernel (ak.use_decode_linears); results go to generate_decode_linears*")
     return p.parse_args(argv)
 
 
@@ -547,6 +550,8 @@ def run_dtype(args, device, dtype, backend):
     sz = sizes(args, device)
     reps = cli.reps_for(args, device, quick_default=1, full_default=3)
     hf, ada = build_models(sz, dtype, device, backend, args.seed)
+    if args.decode_linears:  # both models alike, so top-2 keeps the same dense layers
+        sz["decode_linears"] = [ak.use_decode_linears(hf), ak.use_decode_linears(ada)]
     settings = settings_of(args)
     biases = calibrate(ada, args.loads, sz, device, args.seed)
     samples = []  # copies before and after each batch's timed runs (bandwidth_near)
@@ -823,7 +828,7 @@ def main(argv=None):
             script=SCRIPT, quick=args.quick, seconds=round(time.time() - t0, 1),
             model=(f"MixtralForCausalLM H={sz['hidden']} I={sz['intermediate']} n={NUM_EXPERTS} "
                    f"layers={sz['layers']} vocab={sz['vocab']} (random init)"),
-            sizes=sz, loads=args.loads, adamoe={"config": ADAMOE[0], "m": ADAMOE[1], "k": ADAMOE[2]},
+            sizes=sz, loads=args.loads, decode_linears=bool(args.decode_linears), adamoe={"config": ADAMOE[0], "m": ADAMOE[1], "k": ADAMOE[2]},
             bandwidth=bw, bytes_per_expert=sz["bytes_per_expert"],
             generation=("greedy model.generate, KV cache (dynamic; static for the compiled "
                         "rows), eos off; decode tok/s = batch x (new tokens - 1) / (last step - "
@@ -843,6 +848,8 @@ def main(argv=None):
             routing=routing)
         meta["targets"] = targets(rows, routing)
         suffix = "" if dtype == torch.bfloat16 else "_" + str(dtype).removeprefix("torch.")
+        if args.decode_linears:
+            suffix = "_decode_linears" + suffix
         stem = results.result_stem(SCRIPT + suffix, args.quick)
         saved.append(results.save_results(args, out, stem, meta, rows, plot,
                                           [(rows, TABLE_COLUMNS), (routing, ROUTING_COLUMNS)]))

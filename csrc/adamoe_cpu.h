@@ -90,4 +90,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_backward_cpu
     const at::Tensor& sorted_slots, const at::Tensor& expert_offsets, const at::Tensor& u,
     double scaling, std::array<bool, 4> output_mask);
 
+// ---- dense_linear.cpp ----------------------------------------------------------------------
+
+// y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) for float32 or bfloat16 (one dtype; bf16
+// accumulates in fp32 and rounds once) on the small-M streaming kernel; rows of x and weight must
+// be contiguous (any row stride). Needs AVX-512 (bf16: AVX512_BF16). No autograd: for the dense
+// layers of a decode step (adamoe_kernels/integrations/decode.py).
+at::Tensor linear_small_m_cpu(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias);
+
 }  // namespace adamoe

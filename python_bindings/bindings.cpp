@@ -36,6 +36,7 @@ TORCH_LIBRARY_FRAGMENT(adamoe, m) {
       "Tensor topk_ids, Tensor topk_weights, Tensor sorted_slots, Tensor expert_offsets, "
       "Tensor u, float scaling, bool[4] output_mask) -> "
       "(Tensor grad_x, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_topk_weights)");
+  m.def("linear_small_m_cpu(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adamoe, CPU, m) {
@@ -45,6 +46,7 @@ TORCH_LIBRARY_IMPL(adamoe, CPU, m) {
   m.impl("moe_mlp_backward_cpu", &adamoe::moe_mlp_backward_cpu);
   m.impl("moe_lora_forward_cpu", &adamoe::moe_lora_forward_cpu);
   m.impl("moe_lora_backward_cpu", &adamoe::moe_lora_backward_cpu);
+  m.impl("linear_small_m_cpu", &adamoe::linear_small_m_cpu);
 }
 
 // `import adamoe_kernels._C` loads this library, which runs the registrations above.

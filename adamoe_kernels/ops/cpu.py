@@ -208,3 +208,19 @@ def moe_lora_cpu(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     y, _ = _call(_ops.moe_lora_forward_cpu, (x, lora_A, lora_B, topk_weights), x, lora_A,
                  lora_B, topk_ids, topk_weights, sorted_slots, expert_offsets, float(scaling))
     return y
+
+
+# ---- dense linear of a decode step --------------------------------------------------------------
+
+@torch.library.register_fake("adamoe::linear_small_m_cpu")
+def _linear_small_m_fake(x, weight, bias=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def linear_small_m_cpu(x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ weight [N, K]^T (+ bias [N])`` on the C++ small-M streaming kernel (float32 or
+    bfloat16, one dtype; bf16 sums in fp32 and rounds once). No autograd: the dense layers of a
+    decode step (``integrations.decode``). Needs ``cpu_features()["avx512"]`` (bf16:
+    ``"avx512_bf16"``)."""
+    return _ops.linear_small_m_cpu(x, weight, bias)
