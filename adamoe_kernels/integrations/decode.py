@@ -19,11 +19,10 @@ from torch import nn
 __all__ = ["DECODE_LINEAR_MAX_ROWS", "use_decode_linears"]
 
 # Most rows (tokens of the step) that take the small-M kernel. Measured faster than torch's
-# GEMM at 1, 4 and 16 rows on the AMD EPYC (1.6-3.1x, 256-1024 x 1024 weights, 2 threads).
+# GEMM at 1, 4 and 16 rows on the AMD EPYC (1.6-3.1x, 256-1024 x 1024 weights, 2 threads). Under
+# torch.compile at 16 rows the whole step was slower with it (the op stops inductor's fusions):
+# pass max_rows=4 for compiled batches. Not yet measured on an Intel CPU.
 DECODE_LINEAR_MAX_ROWS = 16
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
 
 def _decode_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w, b = self.weight, self.bias
@@ -31,7 +30,8 @@ def _decode_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                               or (b is not None and b.requires_grad))
     if (0 < rows <= self._adamoe_decode_max_rows and not wants_grad and x.dtype == w.dtype
-            and x.dtype in _KERNEL_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
+            and x.dtype in self._adamoe_decode_dtypes and x.device.type == "cpu"
+            and w.device.type == "cpu"
             and (b is None or b.dtype == w.dtype)):
         from ..ops.cpu import linear_small_m_cpu
 
@@ -71,12 +71,14 @@ def use_decode_linears(model: nn.Module, enable: bool = True,
         for m in linears:
             m.__dict__.pop("forward", None)
             m.__dict__.pop("_adamoe_decode_max_rows", None)
+            m.__dict__.pop("_adamoe_decode_dtypes", None)
         return 0
     dtypes = _kernel_dtypes_here()
     patched = 0
     for m in linears:
         if m.weight.dtype in dtypes and m.weight.device.type == "cpu":
             m._adamoe_decode_max_rows = max_rows
+            m._adamoe_decode_dtypes = dtypes  # checked per call: the model may change dtype
             m.forward = types.MethodType(_decode_linear_forward, m)
             patched += 1
     return patched
