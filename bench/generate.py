@@ -828,7 +828,8 @@ def main(argv=None):
             script=SCRIPT, quick=args.quick, seconds=round(time.time() - t0, 1),
             model=(f"MixtralForCausalLM H={sz['hidden']} I={sz['intermediate']} n={NUM_EXPERTS} "
                    f"layers={sz['layers']} vocab={sz['vocab']} (random init)"),
-            sizes=sz, loads=args.loads, decode_linears=bool(args.decode_linears), adamoe={"config": ADAMOE[0], "m": ADAMOE[1], "k": ADAMOE[2]},
+            sizes=sz, loads=args.loads, decode_linears=bool(args.decode_linears),
+            adamoe={"config": ADAMOE[0], "m": ADAMOE[1], "k": ADAMOE[2]},
             bandwidth=bw, bytes_per_expert=sz["bytes_per_expert"],
             generation=("greedy model.generate, KV cache (dynamic; static for the compiled "
                         "rows), eos off; decode tok/s = batch x (new tokens - 1) / (last step - "

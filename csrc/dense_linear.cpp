@@ -6,7 +6,6 @@
 // projections and the LM head of a decode step (integrations/decode.py), not for training: no
 // autograd formula.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include "adamoe_cpu.h"
 #include "cpu_math.h"
@@ -57,10 +56,7 @@ at::Tensor linear_small_m_cpu(const at::Tensor& x, const at::Tensor& weight,
     cpu_math::gemm_nt_small_m(&g, 1);
   }
   if (bias.has_value()) acc.add_(bias->to(at::kFloat).unsqueeze(0));
-  if (bf16) {
-    c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
-    for (int64_t m = 0; m < M; ++m) cpu_math::convert(c + m * N, out + m * N, N);
-  }
+  if (bf16) cpu_math::convert(c, y.data_ptr<c10::BFloat16>(), M * N);  // both [M, N] contiguous
   return y;
 }
 
