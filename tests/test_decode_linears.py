@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adamoe_kernels as ak
+from adamoe_kernels.integrations.modules import AdaMoERouter
 from adamoe_kernels.ops.backend import cpu_extension_available
 
 pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="C++ CPU backend not built")
@@ -85,7 +86,8 @@ def _tiny_mixtral(dtype):
 def test_patched_model_matches_unpatched(dtype):
     _needs(dtype)
     model = _tiny_mixtral(dtype)
-    plain = [m for m in model.modules() if type(m) is nn.Linear]
+    plain = [m for m in model.modules() if type(m) in (nn.Linear, AdaMoERouter)]
+    assert sum(type(m) is AdaMoERouter for m in plain) == 2  # one router per layer
     ids = torch.randint(3, 64, (1, 6))
     with torch.no_grad():
         want = model(ids).logits
@@ -120,6 +122,24 @@ def test_patched_linear_falls_back_for_gradients_and_dtypes():
         ak.use_decode_linears(lin, max_rows=0)
     with pytest.raises(TypeError, match="nn.Module"):
         ak.use_decode_linears(object())
+
+
+def test_patched_router_keeps_its_contract():
+    _needs(torch.float32)
+    router = AdaMoERouter(24, num_experts=4, num_null_experts=3)
+    x = torch.randn(2, 3, 24)
+    with torch.no_grad():
+        want = router(x)
+        assert ak.use_decode_linears(router) == 1
+        got = router(x)  # 6 rows of [..., H]: flat [T, n+m] logits, as unpatched
+        assert got.shape == want.shape == (6, 7)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert ak.use_decode_linears(router, max_rows=4) == 1
+        assert torch.equal(router(x), want)  # more rows than max_rows: F.linear, bit for bit
+    y = router(x)  # the weight wants a gradient: F.linear, differentiable
+    assert y.requires_grad and torch.equal(y.detach(), want)
+    ak.use_decode_linears(router, enable=False)
+    assert "forward" not in router.__dict__
 
 
 def test_patched_linear_compiles_fullgraph():
