@@ -233,7 +233,8 @@ def generate_table(payload) -> list[str]:
         bw_text += (f" (median of {len(bw['samples_gb_s'])} copies, {_f(bw['min_gb_s'], 1)}–"
                     f"{_f(bw['max_gb_s'], 1)}; each batch held to the copies around it)")
     if m.get("decode_linears"):
-        bw_text += "; both models' dense layers on `ak.use_decode_linears`"
+        bw_text += ("; both models' dense layers (and AdaMoE's routers) on "
+                    "`ak.use_decode_linears`")
     out = [f"{str(m.get('model', '')).replace(' (random init)', '')}, prompt {s.get('prompt')}, "
            f"{s.get('new_tokens')} new tokens, greedy `model.generate` with a KV cache; bytes ratio "
            "= bytes read per decode step, top-2 / AdaMoE (experts touched + the rest); "
