@@ -552,7 +552,7 @@ def run_dtype(args, device, dtype, backend):
     reps = cli.reps_for(args, device, quick_default=1, full_default=3)
     hf, ada = build_models(sz, dtype, device, backend, args.seed)
     # both models' nn.Linears alike; AdaMoE's routers too (transformers' top-2 router fuses its
-    # GEMV with softmax and top-k in one forward, ~20 us of a ~7 ms step at batch 1)
+    # GEMV with softmax and top-k in one forward: ~20 us a layer of a ~7 ms step at batch 1)
     if args.decode_linears:
         sz["decode_linears"] = [ak.use_decode_linears(hf), ak.use_decode_linears(ada)]
     settings = settings_of(args)
@@ -790,7 +790,8 @@ def _compiled_target(comp) -> dict:
 def targets(rows, routing) -> dict:
     """The issue's targets, checked on this run (benchmark results, not timed tests)."""
     eager = [r for r in rows if not r["compiled"] and r["config"] != "top2"]
-    small = [r for r in rows if not r["compiled"] and r["batch"] in (1, 4) and "moe_layer_vs_bytes" in r]
+    small = [r for r in rows
+             if not r["compiled"] and r["batch"] in (1, 4) and "moe_layer_vs_bytes" in r]
     b1 = [r for r in eager if r["batch"] == 1 and r.get("speedup_over_bytes_ratio")]
     big = [r for r in eager if r["batch"] >= 16 and r.get("speedup_vs_top2")]
     comp = [r for r in rows if r["compiled"] and r["batch"] == 1 and r.get("speedup_vs_eager")]

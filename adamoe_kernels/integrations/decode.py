@@ -63,10 +63,11 @@ def _kernel_dtypes_here() -> tuple[torch.dtype, ...]:
 
 def use_decode_linears(model: nn.Module, enable: bool = True,
                        max_rows: int = DECODE_LINEAR_MAX_ROWS) -> int:
-    """Run ``model``'s plain ``nn.Linear`` layers and AdaMoE routers on the C++ small-M kernel when they see at most
-    ``max_rows`` rows on CPU without a gradient (a decode step: attention projections, LM head);
-    ``enable=False`` undoes it. Returns how many layers are patched (0 where this CPU lacks the
-    kernel's instructions or the C++ backend is not built: then nothing changes).
+    """Run ``model``'s plain ``nn.Linear`` layers and AdaMoE routers on the C++ small-M kernel
+    when they see at most ``max_rows`` rows on CPU without a gradient (a decode step: attention
+    projections, routers, LM head); ``enable=False`` undoes it. Returns how many layers are
+    patched (0 where this CPU lacks the kernel's instructions or the C++ backend is not built:
+    then nothing changes).
 
     Results equal ``F.linear`` up to the order of the fp32 sums (bf16: one rounding of the fp32
     sum, as oneDNN's), not bit for bit: greedy tokens can differ where two logits nearly tie.
